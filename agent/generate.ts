@@ -1,0 +1,97 @@
+import type { Cluster } from './cluster.ts'
+import { Sampler, type SamplerOptions } from './sampler.ts'
+
+/** What generation needs of a tokenizer (the master's only). */
+export interface TextCodec {
+  readonly bosId: number
+  readonly eosId: number
+  /** Token ids of `text` with BOS first. */
+  encode(text: string): number[]
+  /** Bytes to print for `token` following `prevToken` (run.c `decode` + `safe_printf`; may be empty). */
+  printedBytes(prevToken: number, token: number): Uint8Array
+}
+
+/** Options of {@link generate}. */
+export interface GenerateOptions extends SamplerOptions {
+  /** New tokens to generate at most (the prompt not counted). */
+  readonly maxTokens: number
+  /** Bytes to print, in order: the prompt's pieces first, then each generated token's. */
+  readonly onText?: (bytes: Uint8Array) => void
+  /** Logits [vocab] f32 used to choose the token at position `pos + 1`, for every position from 0. */
+  readonly onLogits?: (pos: number, logits: Float32Array) => void
+  readonly signal?: AbortSignal
+}
+
+/** Outcome and timings of one generation. */
+export interface GenerationResult {
+  /** The prompt with BOS first. */
+  readonly promptTokens: readonly number[]
+  /**
+   * Token chosen at each position 0..: forced prompt tokens while inside the prompt, then sampled ones; ends with
+   * the BOS/EOS that stopped generation, if any (the format of run.c's `next` sequence).
+   */
+  readonly nextTokens: readonly number[]
+  /** Newly generated tokens (sampled ones, including a final BOS/EOS). */
+  readonly generated: number
+  /** Time to first token: from the call to the first sampled token, in ms. */
+  readonly ttftMs: number
+  /** Mean decode time per generated token after the first, in ms (0 when only one). */
+  readonly msPerToken: number
+}
+
+/**
+ * Greedy or sampled generation as llama2.c run.c's `generate`: the prompt is prefilled in one forward pass, then
+ * one token per pass until `maxTokens` new tokens, the model's context end, or BOS/EOS (BOS ends a TinyStories
+ * story as in run.c; EOS ends real chat models).
+ * @throws whatever the cluster throws (PeerFailedError naming a peer); AbortError when `signal` aborts.
+ */
+export async function generate(cluster: Cluster, codec: TextCodec, prompt: string, options: GenerateOptions): Promise<GenerationResult> {
+  if (!Number.isInteger(options.maxTokens) || options.maxTokens < 1) throw new RangeError(`max tokens must be a whole number ≥ 1, got ${options.maxTokens}`)
+  const promptTokens = codec.encode(prompt)
+  const contextLen = cluster.plan.model.maxSeqLen
+  if (promptTokens.length >= contextLen) {
+    throw new RangeError(`prompt of ${promptTokens.length} tokens does not fit the model's context of ${contextLen}`)
+  }
+  const sampler = new Sampler(options)
+  await cluster.reset()
+  const started = performance.now()
+  const nextTokens: number[] = []
+  const emit = (prev: number, token: number): void => {
+    const bytes = codec.printedBytes(prev, token)
+    if (bytes.length > 0) options.onText?.(bytes)
+  }
+  for (let i = 1; i < promptTokens.length; i++) {
+    nextTokens.push(promptTokens[i]!)
+    emit(promptTokens[i - 1]!, promptTokens[i]!)
+  }
+
+  const wantAll = options.onLogits !== undefined
+  let logits = await cluster.forward(promptTokens, wantAll)
+  const vocab = cluster.model.config.vocabSize
+  if (wantAll) {
+    for (let p = 0; p < promptTokens.length; p++) options.onLogits!(p, logits.subarray(p * vocab, (p + 1) * vocab))
+    logits = logits.subarray((promptTokens.length - 1) * vocab)
+  }
+  let ttftMs = 0
+  let firstAt = 0
+  let generated = 0
+  let prev = promptTokens[promptTokens.length - 1]!
+  for (;;) {
+    options.signal?.throwIfAborted()
+    const token = sampler.sample(logits)
+    generated++
+    nextTokens.push(token)
+    if (generated === 1) {
+      firstAt = performance.now()
+      ttftMs = firstAt - started
+    }
+    if (token === codec.bosId || token === codec.eosId) break
+    emit(prev, token)
+    prev = token
+    if (generated >= options.maxTokens || cluster.position >= contextLen) break
+    logits = await cluster.forward([token])
+    options.onLogits?.(cluster.position - 1, logits)
+  }
+  const msPerToken = generated > 1 ? (performance.now() - firstAt) / (generated - 1) : 0
+  return { promptTokens, nextTokens, generated, ttftMs, msPerToken }
+}

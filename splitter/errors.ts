@@ -1,0 +1,42 @@
+/**
+ * Typed errors of the splitter (model and tokenizer loading). Tests and callers match on `.name`.
+ */
+
+/** Flattens a detail to one line so every error message stays a single line. */
+function oneLine(text: string): string {
+  return text.replace(/\s*[\r\n]+\s*/g, ' ')
+}
+
+/**
+ * A model file is missing, unreadable, truncated, or not in a supported format (llama2.c checkpoint, GGUF).
+ * The message is one line: `cannot load model <path>: <what was expected vs found>`.
+ * @example
+ * throw new ModelFormatError('/m/x.bin', 'file is 12 bytes, a llama2.c checkpoint needs at least 28')
+ */
+export class ModelFormatError extends Error {
+  static override name = 'ModelFormatError'
+  /** The model file (or directory) the error is about. */
+  readonly path: string
+
+  constructor(path: string, detail: string, options?: ErrorOptions) {
+    super(oneLine(`cannot load model ${path}: ${detail}`), options)
+    this.name = 'ModelFormatError'
+    this.path = path
+  }
+}
+
+/**
+ * A tokenizer file or vocabulary is missing, truncated, or unusable (llama2.c tokenizer.bin, GGUF `tokenizer.ggml.*`).
+ * The message is one line: `cannot load tokenizer <path>: <what was expected vs found>`.
+ */
+export class TokenizerFormatError extends Error {
+  static override name = 'TokenizerFormatError'
+  /** The tokenizer file, or a label of the vocabulary's source when it came from memory. */
+  readonly path: string
+
+  constructor(path: string, detail: string, options?: ErrorOptions) {
+    super(oneLine(`cannot load tokenizer ${path}: ${detail}`), options)
+    this.name = 'TokenizerFormatError'
+    this.path = path
+  }
+}

@@ -1,0 +1,73 @@
+import { type ChildProcess, spawn } from 'node:child_process'
+import { existsSync, readFileSync } from 'node:fs'
+import { fileURLToPath } from 'node:url'
+
+/** ../shared/models beside the repository. */
+export const MODELS_DIR = fileURLToPath(new URL('../../../shared/models/', import.meta.url))
+export const HAVE_MODELS = existsSync(`${MODELS_DIR}stories260K.bin`)
+if (!HAVE_MODELS) process.stderr.write(`skipping tests on the real model: ${MODELS_DIR} is absent\n`)
+
+export const CLI = fileURLToPath(new URL('../../agent/cli.ts', import.meta.url))
+
+/** One case of stories260K.reference.json (format: ../shared/models/README.md). */
+export interface ReferenceCase {
+  prompt: string
+  steps: number
+  temperature: number
+  prompt_tokens: number[]
+  next_tokens: number[]
+  stdout: string
+}
+
+export function referenceCases(): ReferenceCase[] {
+  return HAVE_MODELS ? (JSON.parse(readFileSync(`${MODELS_DIR}stories260K.reference.json`, 'utf8')) as ReferenceCase[]) : []
+}
+
+export interface CliResult {
+  code: number | null
+  signal: NodeJS.Signals | null
+  stdout: Buffer
+  stderr: string
+}
+
+/** Runs `edgeshard ...args` as a real process with the pinned Node. */
+export function runCli(args: readonly string[], options: { timeoutMs?: number; onSpawn?: (child: ChildProcess) => void } = {}): Promise<CliResult> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(process.execPath, [CLI, ...args], { stdio: ['ignore', 'pipe', 'pipe'] })
+    const out: Buffer[] = []
+    let err = ''
+    child.stdout.on('data', (b: Buffer) => out.push(b))
+    child.stderr.on('data', (b: Buffer) => {
+      err += b.toString('utf8')
+    })
+    const timer = setTimeout(() => {
+      child.kill('SIGKILL')
+      reject(new Error(`edgeshard ${args.join(' ')} did not finish in ${options.timeoutMs ?? 60_000} ms; stderr: ${err}`))
+    }, options.timeoutMs ?? 60_000)
+    child.on('error', reject)
+    child.on('exit', (code, signal) => {
+      clearTimeout(timer)
+      resolve({ code, signal, stdout: Buffer.concat(out), stderr: err })
+    })
+    options.onSpawn?.(child)
+  })
+}
+
+/** True while process `pid` exists (and is not a zombie). */
+export function processAlive(pid: number): boolean {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8')
+    return !/^\d+ \(.*\) Z/.test(stat)
+  } catch {
+    return false
+  }
+}
+
+/** Direct children of `pid` (from /proc). */
+export function childPids(pid: number): number[] {
+  try {
+    return readFileSync(`/proc/${pid}/task/${pid}/children`, 'utf8').trim().split(/\s+/).filter(Boolean).map(Number)
+  } catch {
+    return []
+  }
+}

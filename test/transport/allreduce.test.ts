@@ -1,0 +1,195 @@
+import { afterEach, describe, expect, it } from 'vitest'
+import {
+  type Allreduce,
+  type AllreduceLink,
+  createInProcessAllreduce,
+  encodeFrame,
+  type Frame,
+  FrameDecoder,
+  type FrameHeader,
+  StarAllreduceHub,
+  StarAllreduceMember,
+} from '../../transport/index.ts'
+import { randomF32, randomInt, referenceSum, seededRandom, type StarCluster, startStarCluster } from './helpers.ts'
+
+/** An in-memory link that records what was sent (unit tier: no network). */
+class RecordingLink implements AllreduceLink {
+  readonly sent: Frame[] = []
+  readonly peer: string
+  constructor(peer: string) {
+    this.peer = peer
+  }
+  async send(header: FrameHeader, body?: ArrayBufferView | null): Promise<void> {
+    const parts = encodeFrame(header, body)
+    const bytes = new Uint8Array(parts.reduce((n, p) => n + p.byteLength, 0))
+    let at = 0
+    for (const p of parts) {
+      bytes.set(p, at)
+      at += p.byteLength
+    }
+    this.sent.push(...new FrameDecoder().push(bytes))
+  }
+}
+
+/** An 'ar' frame as it would arrive from the wire. */
+function arFrame(tag: number, partial: Float32Array | null): Frame {
+  const parts = encodeFrame({ type: 'ar', tag }, partial)
+  const bytes = new Uint8Array(parts.reduce((n, p) => n + p.byteLength, 0))
+  let at = 0
+  for (const p of parts) {
+    bytes.set(p, at)
+    at += p.byteLength
+  }
+  return new FrameDecoder().push(bytes)[0]!
+}
+
+describe('createInProcessAllreduce', () => {
+  it('sums 1..4 members with null partials exactly, in member order', async () => {
+    const random = seededRandom(3)
+    for (let n = 1; n <= 4; n++) {
+      const group = createInProcessAllreduce(n)
+      for (let round = 0; round < 20; round++) {
+        const length = randomInt(random, 1, 2000)
+        const partials = group.map((_, i): Float32Array | null => (n > 1 && (round + i) % 3 === 0 ? null : randomF32(random, length)))
+        if (!partials.some((p) => p !== null)) partials[0] = randomF32(random, length)
+        const expected = referenceSum(partials, length)
+        // members call in a shuffled order; the sum order stays 0, 1, 2, ...
+        const order = group.map((_, i) => i).sort(() => random() - 0.5)
+        const results: Float32Array[] = new Array(n)
+        await Promise.all(
+          order.map(async (i) => {
+            results[i] = await group[i]!.allreduce(round % 5, partials[i]!)
+          }),
+        )
+        for (const r of results) expect(r).toEqual(expected)
+        if (n > 1) expect(results[0]).not.toBe(results[1]) // each member owns its result
+      }
+    }
+  })
+
+  it('rejects mismatched lengths and rounds nobody contributed to with AllreduceError', async () => {
+    const [a, b] = createInProcessAllreduce(2) as [Allreduce, Allreduce]
+    const results = await Promise.allSettled([a.allreduce(1, new Float32Array(4)), b.allreduce(1, new Float32Array(5))])
+    for (const r of results) expect(r).toMatchObject({ status: 'rejected', reason: { name: 'AllreduceError' } })
+    expect((results[0] as PromiseRejectedResult).reason.message).toMatch(/5 f32.*4/)
+    const none = await Promise.allSettled([a.allreduce(2, null), b.allreduce(2, null)])
+    for (const r of none) expect(r).toMatchObject({ status: 'rejected', reason: { name: 'AllreduceError' } })
+  })
+
+  it('withdraws the partial of an aborted call so the tag can be retried', async () => {
+    const [a, b] = createInProcessAllreduce(2) as [Allreduce, Allreduce]
+    const controller = new AbortController()
+    const aborted = a.allreduce(7, new Float32Array([1]), { signal: controller.signal })
+    controller.abort(new Error('stop'))
+    await expect(aborted).rejects.toThrow('stop')
+    const [ra, rb] = await Promise.all([a.allreduce(7, new Float32Array([2])), b.allreduce(7, new Float32Array([3]))])
+    expect(Array.from(ra)).toEqual([5])
+    expect(Array.from(rb)).toEqual([5])
+  })
+})
+
+describe('StarAllreduceHub / StarAllreduceMember (in-memory links)', () => {
+  it('buffers partials that arrive before the hub calls allreduce, and sends one sum frame per member', async () => {
+    const links = [new RecordingLink('w0'), new RecordingLink('w1')]
+    const hub = new StarAllreduceHub(links)
+    hub.deliver(1, arFrame(5, new Float32Array([10, 20])))
+    hub.deliver(0, arFrame(5, null))
+    const sum = await hub.allreduce(5, new Float32Array([1, 2]))
+    expect(Array.from(sum)).toEqual([11, 22])
+    for (const link of links) {
+      expect(link.sent).toHaveLength(1)
+      expect(link.sent[0]!.header).toEqual({ type: 'ar', tag: 5 })
+      expect(Array.from(new Float32Array(link.sent[0]!.body.slice().buffer))).toEqual([11, 22])
+    }
+  })
+
+  it('rejects mismatched partial lengths with AllreduceError naming the peer and lengths', async () => {
+    const hub = new StarAllreduceHub([new RecordingLink('peerA'), new RecordingLink('peerB')])
+    hub.deliver(0, arFrame(1, new Float32Array(3)))
+    hub.deliver(1, arFrame(1, new Float32Array(4)))
+    const err = await hub.allreduce(1, new Float32Array(3)).catch((e: Error) => e)
+    expect(err).toMatchObject({ name: 'AllreduceError' })
+    expect((err as Error).message).toMatch(/peerB.*4.*peerA.*3/)
+    const hub2 = new StarAllreduceHub([new RecordingLink('peerC')])
+    hub2.deliver(0, arFrame(1, new Float32Array(3)))
+    const err2 = await hub2.allreduce(1, new Float32Array(2)).catch((e: Error) => e)
+    expect((err2 as Error).message).toMatch(/hub.*2 f32.*peerC.*3/)
+  })
+
+  it('rejects a member frame with a bad tag or a ragged body with FrameError', () => {
+    const hub = new StarAllreduceHub([new RecordingLink('peerA')])
+    const noTag = new FrameDecoder().push(encodeFrame({ type: 'ar' })[0]!)[0]!
+    expect(() => hub.deliver(0, noTag)).toThrow(expect.objectContaining({ name: 'FrameError' }))
+    const ragged = { header: { type: 'ar', tag: 1 }, body: new Uint8Array(6) }
+    expect(() => hub.deliver(0, ragged)).toThrow(expect.objectContaining({ name: 'FrameError' }))
+    expect(() => hub.deliver(3, arFrame(1, null))).toThrow(RangeError)
+  })
+
+  it('fail() rejects pending and later allreduces with PeerGoneError naming the member', async () => {
+    const hub = new StarAllreduceHub([new RecordingLink('peerA'), new RecordingLink('peerB')])
+    hub.deliver(0, arFrame(1, new Float32Array(2)))
+    const pending = hub.allreduce(1, new Float32Array(2))
+    hub.fail(1, new Error('socket closed'))
+    await expect(pending).rejects.toMatchObject({ name: 'PeerGoneError', peer: 'peerB' })
+    await expect(hub.allreduce(2, null)).rejects.toMatchObject({ name: 'PeerGoneError' })
+  })
+
+  it('member sends its partial (empty body for null) and resolves on the sum with its tag', async () => {
+    const link = new RecordingLink('hub')
+    const member = new StarAllreduceMember(link)
+    const a = member.allreduce(3, new Float32Array([1, 2]))
+    const b = member.allreduce(4, null)
+    await Promise.resolve()
+    expect(link.sent.map((f) => [f.header.tag, f.body.byteLength])).toEqual([
+      [3, 8],
+      [4, 0],
+    ])
+    member.deliver(arFrame(4, new Float32Array([7])))
+    member.deliver(arFrame(3, new Float32Array([5, 6])))
+    expect(Array.from(await a)).toEqual([5, 6])
+    expect(Array.from(await b)).toEqual([7])
+    const c = member.allreduce(5, new Float32Array(2))
+    member.fail(new Error('gone'))
+    await expect(c).rejects.toMatchObject({ name: 'PeerGoneError', peer: 'hub' })
+  })
+})
+
+describe('star allreduce over libp2p on 127.0.0.1 (hub + 3 workers)', () => {
+  let cluster: StarCluster | undefined
+  afterEach(async () => {
+    await cluster?.stop()
+    cluster = undefined
+  })
+
+  it('200 sequential allreduces of 8192 f32 give exact sums at every member', async () => {
+    cluster = await startStarCluster(3)
+    const { hub, members } = cluster
+    const random = seededRandom(11)
+    const n = 8192
+    for (let round = 0; round < 200; round++) {
+      // some sync points have members (or the hub) that contribute nothing
+      const partials = [0, 1, 2, 3].map((i): Float32Array | null => (round % 10 === i + 1 ? null : randomF32(random, n)))
+      const expected = referenceSum(partials, n)
+      const tag = round % 4 // tags are reused once their round completed
+      const results = await Promise.all([
+        hub.allreduce(tag, partials[0]!),
+        ...members.map((m, i) => m.allreduce(tag, partials[i + 1]!)),
+      ])
+      for (const r of results) expect(r).toEqual(expected)
+    }
+  })
+
+  it('rejects the hub pending allreduce with PeerGoneError naming the member that went away', async () => {
+    cluster = await startStarCluster(3)
+    const { hub, members, workers } = cluster
+    const gonePeer = workers[2]!.peerId
+    const pending = hub.allreduce(1, new Float32Array(16))
+    pending.catch(() => {}) // observed below
+    // workers 0 and 1 contribute and then wait for a sum that never comes (rejected when the cluster stops)
+    for (const member of members.slice(0, 2)) member.allreduce(1, new Float32Array(16)).catch(() => {})
+    await workers[2]!.stop()
+    const err = await pending.catch((e: Error) => e)
+    expect(err).toMatchObject({ name: 'PeerGoneError', peer: gonePeer })
+    expect((err as Error).message).toContain(gonePeer)
+  })
+})

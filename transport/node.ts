@@ -1,0 +1,194 @@
+/**
+ * A minimal libp2p 3 node for edgeshard: TCP (TCP_NODELAY), Noise encryption, Yamux multiplexing (keepalive on), and
+ * nothing else — no identify, ping, connection monitor, discovery or DHT. Dialling a protocol needs none of them:
+ * `connection.newStream` negotiates the protocol with multistream-select over the Yamux stream.
+ *
+ * Liveness: Yamux keepalive (every 30 s) keeps idle sockets open (@libp2p/tcp closes sockets idle for 2 minutes) but
+ * does not detect a silently dead peer; callers bound waits with `signal` (e.g. `AbortSignal.timeout`).
+ */
+import { noise } from '@chainsafe/libp2p-noise'
+import { yamux } from '@chainsafe/libp2p-yamux'
+import type { Connection, Libp2p, PrivateKey, Stream } from '@libp2p/interface'
+import { logger } from '@libp2p/logger'
+import { tcp } from '@libp2p/tcp'
+import { multiaddr } from '@multiformats/multiaddr'
+import { createLibp2p } from 'libp2p'
+import type { FramedChannelOptions } from './channel.ts'
+import { FramedChannel } from './channel.ts'
+import { ChannelClosedError, DialError, NotStartedError } from './errors.ts'
+
+const log = logger('edgeshard:transport')
+
+/** Default bound on `dial` when no signal is given, ms. */
+export const DEFAULT_DIAL_TIMEOUT_MS = 10_000
+/** How long `stop()` waits for libp2p to close its connections gracefully. */
+const STOP_TIMEOUT_MS = 1_000
+
+/** Options of a `TransportNode`. */
+export interface TransportNodeOptions extends FramedChannelOptions {
+  /** Multiaddrs to listen on, e.g. `['/ip4/127.0.0.1/tcp/0']` (port 0 = any free port). Default: none (dial only). */
+  listen?: readonly string[]
+  /** Node identity; a fresh Ed25519 key when absent (so the peer id changes on every start). */
+  privateKey?: PrivateKey
+  /** Bound on every `dial`, ms, applied together with the caller's signal. Default 10 000. */
+  dialTimeoutMs?: number
+}
+
+interface AbortableOptions {
+  signal?: AbortSignal
+}
+
+/** Called with each inbound channel; a thrown error or rejection aborts that channel (never crashes the node). */
+export type ChannelHandler = (channel: FramedChannel) => void | Promise<void>
+
+/**
+ * One process's libp2p endpoint: listens, accepts framed channels for registered protocols, dials framed channels.
+ *
+ * @example
+ * const node = new TransportNode({ listen: ['/ip4/127.0.0.1/tcp/0'] })
+ * await node.start()
+ * await node.handle(TENSOR_PARALLEL_PROTOCOL, (channel) => serve(channel))
+ * const channel = await other.dial(node.multiaddrs()[0]!, TENSOR_PARALLEL_PROTOCOL, { signal: AbortSignal.timeout(5000) })
+ */
+export class TransportNode {
+  private readonly options: TransportNodeOptions
+  private libp2p: Libp2p | undefined
+  private readonly channels = new Set<FramedChannel>()
+
+  constructor(options: TransportNodeOptions = {}) {
+    this.options = options
+  }
+
+  /** Start listening. Idempotent. @throws whatever libp2p throws for a bad or busy listen address */
+  async start(_options: AbortableOptions = {}): Promise<void> {
+    if (this.libp2p !== undefined) return
+    const socketOptions = { noDelay: true, keepAlive: true }
+    this.libp2p = await createLibp2p({
+      ...(this.options.privateKey === undefined ? {} : { privateKey: this.options.privateKey }),
+      addresses: { listen: [...(this.options.listen ?? [])] },
+      transports: [tcp({ dialOpts: socketOptions, listenOpts: socketOptions })],
+      connectionEncrypters: [noise()],
+      streamMuxers: [yamux({ enableKeepAlive: true })],
+      // the connection monitor opens a ping stream per connection every 10 s; Yamux keepalive suffices here
+      connectionMonitor: { enabled: false },
+      connectionManager: {
+        // a cluster dials all workers at once, possibly from one host: the default allows 5 per second per host
+        inboundConnectionThreshold: 1000,
+        maxIncomingPendingConnections: 100,
+      },
+    })
+    log('node %s started, listening on %s', this.peerId, this.multiaddrs().join(', '))
+  }
+
+  /**
+   * Abort every open channel (remotes see a reset → PeerGoneError), then close connections and sockets.
+   * Idempotent.
+   */
+  async stop(_options: AbortableOptions = {}): Promise<void> {
+    const node = this.libp2p
+    if (node === undefined) return
+    this.libp2p = undefined
+    const stopped = new ChannelClosedError(`transport node ${node.peerId.toString()} stopped`)
+    for (const channel of this.channels) channel.abort(stopped)
+    this.channels.clear()
+    // libp2p's graceful stop can wait forever on a connection whose remote process exited mid-close (nothing is left
+    // in the event loop to settle it), so it gets a bounded time; the sockets are gone either way.
+    let timer: NodeJS.Timeout | undefined
+    const timedOut = await Promise.race([
+      Promise.resolve(node.stop()).then(() => false),
+      new Promise<boolean>((resolve) => {
+        timer = setTimeout(() => resolve(true), STOP_TIMEOUT_MS)
+      }),
+    ])
+    clearTimeout(timer)
+    log('node %s stopped%s', node.peerId.toString(), timedOut ? ` (gave up waiting after ${STOP_TIMEOUT_MS} ms)` : '')
+  }
+
+  /** Peer id string of this node. @throws NotStartedError when not started */
+  get peerId(): string {
+    return this.started().peerId.toString()
+  }
+
+  /** Full listen addresses with the `/p2p/<peer id>` suffix, e.g. `/ip4/127.0.0.1/tcp/40123/p2p/12D3KooW…`. */
+  multiaddrs(): string[] {
+    return this.started()
+      .getMultiaddrs()
+      .map((ma) => ma.toString())
+  }
+
+  /**
+   * Accept inbound streams of `protocol` as framed channels.
+   * @throws whatever libp2p throws if `protocol` is already handled
+   */
+  async handle(protocol: string, handler: ChannelHandler, options: AbortableOptions = {}): Promise<void> {
+    await this.started().handle(
+      protocol,
+      (stream: Stream, connection: Connection) => {
+        const channel = this.track(new FramedChannel(stream, connection, this.options))
+        Promise.resolve()
+          .then(() => handler(channel))
+          .catch((err: unknown) => {
+            log.error('handler for %s from %s failed - %e', protocol, channel.remotePeer, err)
+            channel.abort(err instanceof Error ? err : new Error(String(err)))
+          })
+      },
+      { ...(options.signal === undefined ? {} : { signal: options.signal }), maxInboundStreams: 256 },
+    )
+  }
+
+  /** Stop accepting new streams of `protocol` (open channels stay open). */
+  async unhandle(protocol: string, options: AbortableOptions = {}): Promise<void> {
+    await this.started().unhandle(protocol, options.signal === undefined ? {} : { signal: options.signal })
+  }
+
+  /**
+   * Open a framed channel to `address` for `protocol`, reusing an open connection to that peer if any.
+   *
+   * @param address - multiaddr string, preferably with `/p2p/<peer id>` (then the remote's identity is verified)
+   * @param options.signal - bounds the whole dial, together with the node's `dialTimeoutMs` (default 10 s)
+   * @throws TypeError if `address` is not a multiaddr; DialError naming the address when the peer is unreachable,
+   *   refuses, fails the handshake, does not handle `protocol`, or the signal fires first
+   */
+  async dial(address: string, protocol: string, options: AbortableOptions = {}): Promise<FramedChannel> {
+    const node = this.started()
+    let ma: ReturnType<typeof multiaddr>
+    try {
+      ma = multiaddr(address)
+    } catch (err) {
+      throw new TypeError(`cannot dial '${address}': not a multiaddr`, { cause: err })
+    }
+    const timeout = AbortSignal.timeout(this.options.dialTimeoutMs ?? DEFAULT_DIAL_TIMEOUT_MS)
+    const signal = options.signal === undefined ? timeout : AbortSignal.any([options.signal, timeout])
+    try {
+      signal.throwIfAborted()
+      const connection = await node.dial(ma, { signal })
+      const stream = await connection.newStream(protocol, { signal })
+      return this.track(new FramedChannel(stream, connection, this.options))
+    } catch (err) {
+      const reason = signal.aborted
+        ? `aborted (${describeReason(signal.reason)})`
+        : err instanceof Error
+          ? `${err.name}: ${err.message}`
+          : String(err)
+      throw new DialError(address, `cannot dial ${address} for ${protocol}: ${reason}`, { cause: err })
+    }
+  }
+
+  private track(channel: FramedChannel): FramedChannel {
+    this.channels.add(channel)
+    channel.closed.then(
+      () => this.channels.delete(channel),
+      () => this.channels.delete(channel),
+    )
+    return channel
+  }
+
+  private started(): Libp2p {
+    if (this.libp2p === undefined) throw new NotStartedError('transport node is not started: call start() first')
+    return this.libp2p
+  }
+}
+
+function describeReason(reason: unknown): string {
+  return reason instanceof Error ? `${reason.name}: ${reason.message}` : String(reason)
+}
