@@ -2,11 +2,17 @@ import { logger } from '@libp2p/logger'
 import {
   buildOutputHead,
   type LayerShardWeights,
+  type LinearWeight,
   type ModelDescription,
+  nbitsRowF32,
   planTensorParallel,
+  readTensorBytes,
   readTensorF32,
   sliceLayerShard,
+  type TensorParallelOptions,
   type TensorParallelPlan,
+  toLinearWeight,
+  type WeightSource,
 } from '../splitter/index.ts'
 import {
   type Frame,
@@ -17,9 +23,13 @@ import {
   TransportNode,
 } from '../transport/index.ts'
 import { PeerFailedError } from './errors.ts'
-import { WEIGHT_NAMES } from './protocol.ts'
+import { defaultShardDir, encodeLayerShard, kvCacheBytes, ownedLayerShard } from './shard-encoding.ts'
 import { Session } from './runtime.ts'
-import { type ForwardTimings, ShardRunner } from './shard-runner.ts'
+import { asConstants, type ForwardTimings, linearFeeds, ShardRunner } from './shard-runner.ts'
+import { MemoryBudgetError, openShard, ShardFileWriter, type WeightStore } from './weight-store.ts'
+import { memoryUsage } from './memory.ts'
+import type { WorkerStats, WorkerTraceHeader } from './protocol.ts'
+import { type ChromeTrace, clockOffsetMs, mergeTraces, type PeerTrace, type RecordedSpan, TraceRecorder, traceReceive, tracedLink, type Tracer, wallClockMs } from './trace.ts'
 
 const log = logger('edgeshard:agent:cluster')
 
@@ -39,6 +49,17 @@ export interface ClusterOptions {
   readonly signal?: AbortSignal
   /** Called as each worker finishes loading its shard. */
   readonly onWorkerReady?: (index: number, peer: string) => void
+  /**
+   * Bytes the master may use for its own share's weights and KV cache; when the share is larger it streams from a
+   * shard file on disk through a sliding window (TPI-LLM §3.3). Default: all resident.
+   */
+  readonly memoryBudgetBytes?: number
+  /** Where the master writes its shard file in sliding-window mode (default: a folder under the OS temp dir). */
+  readonly shardDir?: string
+  /** Called after each layer has been sliced and sent to every peer (for progress bars). */
+  readonly onLayerDistributed?: (layer: number, layers: number) => void
+  /** Record trace spans on every peer (see trace.ts and {@link Cluster.trace}). Default false. */
+  readonly trace?: boolean
 }
 
 /** Wire and time counters since the cluster started, for the run summary. */
@@ -55,18 +76,20 @@ export interface ClusterCounters {
 export class Cluster {
   readonly plan: TensorParallelPlan
   readonly model: ModelDescription
-  readonly counters: ClusterCounters = { allreduces: 0, timings: { computeMs: 0, allreduceMs: 0 } }
+  readonly counters: ClusterCounters = { allreduces: 0, timings: { computeMs: 0, allreduceMs: 0, ioWaitMs: 0 } }
   readonly #node: TransportNode | null
   readonly #links: readonly WorkerLink[]
   readonly #hub: StarAllreduceHub | null
   readonly #runner: ShardRunner
   readonly #head: Session
-  readonly #embedding: Float32Array // [vocab, dim] f32
-  readonly #outputNorm: Float32Array // [dim] f32
-  readonly #classifier: Float32Array // [vocab, dim] f32
+  readonly #embedding: LinearWeight // [vocab, dim], dense or quantized
   #step = 0
   #failure: Error | null = null
   #closing = false
+  readonly #statsWaiters = new Map<number, (stats: WorkerStats) => void>()
+  readonly #traceWaiters = new Map<number, (frame: Frame) => void>()
+  #tracer: TraceRecorder | undefined
+  #overheadBytes = 0
 
   private constructor(
     model: ModelDescription,
@@ -76,6 +99,7 @@ export class Cluster {
     hub: StarAllreduceHub | null,
     runner: ShardRunner,
     head: Session,
+    source: ModelWeights,
   ) {
     this.model = model
     this.plan = plan
@@ -84,9 +108,7 @@ export class Cluster {
     this.#hub = hub
     this.#runner = runner
     this.#head = head
-    this.#embedding = readTensorF32(model, 'token_embd.weight')
-    this.#outputNorm = readTensorF32(model, 'output_norm.weight')
-    this.#classifier = readTensorF32(model, 'output.weight')
+    this.#embedding = source.linear('token_embd.weight')
   }
 
   /**
@@ -96,22 +118,13 @@ export class Cluster {
    *   PeerFailedError when a worker refuses its shard.
    */
   static async start(model: ModelDescription, options: ClusterOptions): Promise<Cluster> {
-    const plan = planTensorParallel(model.config, options.workers.length + 1)
-    const cache = new Map<string, Float32Array>()
-    const tensor = (name: string): Float32Array => {
-      let t = cache.get(name)
-      if (!t) {
-        t = readTensorF32(model, name)
-        cache.set(name, t)
-      }
-      return t
-    }
-    const shardWeights = (index: number): LayerShardWeights[] =>
-      Array.from({ length: plan.model.nLayers }, (_, layer) => sliceLayerShard(plan.model, plan.shards[index]!, layer, tensor))
-
+    const plan = planCluster(model, options.workers.length + 1)
+    const source = new ModelWeights(model)
     let node: TransportNode | null = null
     const links: WorkerLink[] = []
     let hub: StarAllreduceHub | null = null
+    let writer: ShardFileWriter | null = null
+    const tracer = options.trace ? new TraceRecorder() : undefined
     try {
       if (options.workers.length > 0) {
         node = new TransportNode({ listen: [] })
@@ -120,16 +133,64 @@ export class Cluster {
           const channel = await node.dial(address, TENSOR_PARALLEL_PROTOCOL, options.signal ? { signal: options.signal } : {})
           links.push({ index: i + 1, address, channel })
         }
-        await Promise.all(links.map((link) => sendShard(link, plan, shardWeights(link.index), options)))
-        hub = new StarAllreduceHub(links.map((l) => l.channel))
       }
-      const runner = await ShardRunner.create(plan, 0, shardWeights(0), { threads: options.threads })
+      // Layer by layer: read the layer's tensors once, cut every peer's share, send it, forget the layer. Neither
+      // the whole model nor a whole shard needs to be in memory at once.
+      await Promise.all(
+        links.map((l) => l.channel.send({ type: 'plan', plan, shardIndex: l.index, threads: options.threads, ...(tracer ? { trace: true } : {}) })),
+      )
+      const budget = options.memoryBudgetBytes
+      const shardDir = options.shardDir ?? defaultShardDir('master')
+      if (budget !== undefined) writer = await ShardFileWriter.create(shardDir)
+      const own: LayerShardWeights[] = []
+      const sent = links.map(() => 0)
+      for (let layer = 0; layer < plan.model.nLayers; layer++) {
+        await Promise.all(
+          links.map(async (link, i) => {
+            for (const t of encodeLayerShard(sliceLayerShard(plan.model, plan.shards[link.index]!, layer, source))) {
+              await link.channel.send({ type: 'tensor', layer, name: t.name, bits: t.bits, rows: t.rows, cols: t.cols }, t.body)
+              sent[i]! += 1
+            }
+          }),
+        )
+        const mine = sliceLayerShard(plan.model, plan.shards[0]!, layer, source)
+        if (writer) {
+          for (const t of encodeLayerShard(mine)) await writer.add(layer, t.name, t.bits, t.rows, t.cols, t.body)
+        } else {
+          own.push(ownedLayerShard(mine))
+        }
+        source.clearLayer(layer)
+        options.onLayerDistributed?.(layer, plan.model.nLayers)
+      }
+      await Promise.all(links.map((l, i) => l.channel.send({ type: 'load-done', tensors: sent[i]! })))
+      let store: WeightStore | LayerShardWeights[] = own
+      if (writer) {
+        const total = await writer.finish()
+        writer = null
+        store = await openShard(shardDir, { budgetBytes: budget!, kvCacheBytes: kvCacheBytes(plan, 0) })
+        log('master shard: %d bytes on disk', total)
+      }
+      const runner = await ShardRunner.create(plan, 0, store, { threads: options.threads, ...(writer === null && budget !== undefined ? { lowMemory: true } : {}) })
+      const overheadBytes = memoryUsage().rssBytes
+      await Promise.all(links.map((link) => awaitReady(link, options)))
+      if (links.length > 0) hub = new StarAllreduceHub(links.map((l) => (tracer ? tracedLink(l.channel, tracer) : l.channel)))
+      // The classifier is baked into the head graph as an initializer (pre-packed by ORT; fast for MatMulNBits).
+      const classifier = source.linear('output.weight')
       const head = await Session.create(
         'output_head',
-        buildOutputHead({ dim: model.config.dim, vocabSize: model.config.vocabSize, normEps: model.config.normEps }),
+        buildOutputHead(
+          { dim: model.config.dim, vocabSize: model.config.vocabSize, normEps: model.config.normEps, bits: classifier.bits },
+          asConstants({
+            output_norm: { data: source.vector('output_norm.weight'), dims: [model.config.dim] },
+            ...linearFeeds('wcls', classifier),
+          }),
+        ),
         { threads: options.threads },
       )
-      const cluster = new Cluster(model, plan, node, links, hub, runner, head)
+      const cluster = new Cluster(model, plan, node, links, hub, runner, head, source)
+      source.clear()
+      cluster.#overheadBytes = overheadBytes
+      cluster.#tracer = tracer
       for (const link of links) void cluster.#route(link)
       return cluster
     } catch (err) {
@@ -142,6 +203,11 @@ export class Cluster {
   /** Peers in the plan, the master included. */
   get size(): number {
     return this.plan.shards.length
+  }
+
+  /** The master's tracer when started with `trace: true` (for spans such as tokens), else undefined. */
+  get tracer(): Tracer | undefined {
+    return this.#tracer
   }
 
   /** Positions in the KV cache. */
@@ -166,28 +232,90 @@ export class Cluster {
     this.#throwIfFailed()
     const { dim, vocabSize } = this.model.config
     const x = new Float32Array(tokens.length * dim) // [seq, dim] f32
+    const emb = this.#embedding
     for (const [i, token] of tokens.entries()) {
       if (!Number.isInteger(token) || token < 0 || token >= vocabSize) throw new RangeError(`token id ${token} is outside the vocabulary of ${vocabSize}`)
-      x.set(this.#embedding.subarray(token * dim, (token + 1) * dim), i * dim)
+      if (emb.bits === 32) x.set(emb.data.subarray(token * dim, (token + 1) * dim), i * dim)
+      else nbitsRowF32(emb, token, x.subarray(i * dim, (i + 1) * dim))
     }
     const pos0 = this.#runner.cachedLength
     const step = this.#step++
     const header = { type: 'forward', step, pos0, seq: tokens.length }
-    const sends = this.#links.map((l) => this.#send(l, header, new Uint8Array(x.buffer, x.byteOffset, x.byteLength)))
+    const body = new Uint8Array(x.buffer, x.byteOffset, x.byteLength)
+    const tracer = this.#tracer
+    const sends = this.#links.map((l) => (tracer ? tracedLink(l.channel, tracer).send(header, body) : this.#send(l, header, body)))
     try {
       await Promise.all(sends)
-      await this.#runner.forward(x, pos0, step, this.#hub ?? LOCAL_ALLREDUCE, this.counters.timings)
+      await this.#runner.forward(x, pos0, step, this.#hub ?? LOCAL_ALLREDUCE, this.counters.timings, tracer)
     } catch (err) {
       throw this.#failure ?? err
     }
     this.counters.allreduces += this.#links.length > 0 ? 2 * this.plan.model.nLayers : 0
     const rows = allLogits ? x : x.subarray(x.length - dim)
-    const out = await this.#head.run({
-      x: { data: rows, dims: [rows.length / dim, dim] },
-      output_norm: { data: this.#outputNorm, dims: [dim] },
-      wcls: { data: this.#classifier, dims: [vocabSize, dim] },
-    })
+    const out = await this.#head.run({ x: { data: rows, dims: [rows.length / dim, dim] } })
     return out.logits!.data as Float32Array
+  }
+
+  /**
+   * Counters of every peer, the master first: forward passes, compute / allreduce-wait / I/O-wait ms, the weight
+   * window, and memory. Asks each worker over its stream.
+   */
+  async peerStats(): Promise<(WorkerStats & { readonly peer: string })[]> {
+    this.#throwIfFailed()
+    const workers = await Promise.all(
+      this.#links.map(
+        (l) =>
+          new Promise<WorkerStats & { peer: string }>((resolve, reject) => {
+            this.#statsWaiters.set(l.index, (stats) => resolve({ ...stats, peer: l.channel.remotePeer }))
+            this.#send(l, { type: 'stats' }).catch(reject)
+          }),
+      ),
+    )
+    const t = this.counters.timings
+    const master = {
+      peer: this.#node?.peerId ?? 'master',
+      forwards: this.#step,
+      computeMs: t.computeMs,
+      allreduceMs: t.allreduceMs,
+      ioWaitMs: t.ioWaitMs,
+      window: this.#runner.weights.window,
+      ...memoryUsage(),
+      overheadBytes: this.#overheadBytes,
+    }
+    return [master, ...workers]
+  }
+
+  /**
+   * Every peer's spans recorded since the last call, merged onto the master's clock as a Chrome trace (pid 1 the
+   * master, pid i+1 worker i). Each worker's clock offset is estimated from its reply (NTP, see trace.ts).
+   * @throws RangeError when the cluster was started without `trace: true`; PeerFailedError when a worker is gone.
+   */
+  async trace(): Promise<ChromeTrace> {
+    this.#throwIfFailed()
+    const tracer = this.#tracer
+    if (!tracer) throw new RangeError('cannot collect a trace: the cluster was started without tracing')
+    const workers = await Promise.all(
+      this.#links.map(
+        (l) =>
+          new Promise<PeerTrace>((resolve, reject) => {
+            const sentMs = wallClockMs()
+            this.#traceWaiters.set(l.index, (frame) => {
+              const receivedMs = wallClockMs()
+              const h = frame.header as unknown as WorkerTraceHeader
+              const spans = JSON.parse(new TextDecoder().decode(frame.body)) as RecordedSpan[]
+              resolve({
+                peer: l.channel.remotePeer,
+                role: `worker ${l.index}`,
+                trace: { timeOriginMs: h.timeOriginMs, spans },
+                offsetMs: clockOffsetMs(sentMs, h.receivedMs, h.sentMs, receivedMs),
+              })
+            })
+            this.#send(l, { type: 'trace' }).catch(reject)
+          }),
+      ),
+    )
+    const master: PeerTrace = { peer: this.#node?.peerId ?? 'master', role: 'master', trace: tracer.take(), offsetMs: 0 }
+    return mergeTraces([master, ...workers])
   }
 
   /** Says goodbye to the workers, closes the streams and the node, releases the sessions. */
@@ -224,8 +352,15 @@ export class Cluster {
   async #route(link: WorkerLink): Promise<void> {
     try {
       for await (const frame of link.channel) {
+        if (this.#tracer) traceReceive(this.#tracer, frame.header, frame.body.byteLength, link.channel.remotePeer)
         if (frame.header.type === 'ar') {
           this.#hub?.deliver(link.index - 1, frame)
+        } else if (frame.header.type === 'stats') {
+          this.#statsWaiters.get(link.index)?.(frame.header as unknown as WorkerStats)
+          this.#statsWaiters.delete(link.index)
+        } else if (frame.header.type === 'trace') {
+          this.#traceWaiters.get(link.index)?.(frame)
+          this.#traceWaiters.delete(link.index)
         } else if (frame.header.type === 'error') {
           throw new PeerFailedError(
             link.channel.remotePeer,
@@ -259,26 +394,80 @@ const LOCAL_ALLREDUCE = {
   allreduce: async (_tag: number, partial: Float32Array | null): Promise<Float32Array> => partial ?? new Float32Array(0),
 }
 
-async function sendShard(link: WorkerLink, plan: TensorParallelPlan, weights: readonly LayerShardWeights[], options: ClusterOptions): Promise<void> {
+async function awaitReady(link: WorkerLink, options: ClusterOptions): Promise<void> {
   const { channel } = link
-  await channel.send({ type: 'plan', plan, shardIndex: link.index, threads: options.threads })
-  let count = 0
-  for (const [layer, w] of weights.entries()) {
-    const blocks: Record<string, Float32Array> = { ...(w.attention ?? {}), ...(w.ffn ?? {}) }
-    for (const name of WEIGHT_NAMES) {
-      const t = blocks[name]
-      if (!t) continue
-      await channel.send({ type: 'tensor', layer, name }, new Uint8Array(t.buffer, t.byteOffset, t.byteLength))
-      count++
-    }
-  }
-  await channel.send({ type: 'load-done', tensors: count })
   const reply = await firstFrame(channel)
   if (reply.header.type !== 'ready') {
     const why = reply.header.type === 'error' ? String(reply.header.message) : `unexpected ${String(reply.header.type)} frame`
-    throw new PeerFailedError(channel.remotePeer, `worker ${link.index} (${link.address}) refused its shard: ${why}`)
+    const message = `worker ${link.index} (${link.address}) refused its shard: ${why}`
+    if (reply.header.errorName === MemoryBudgetError.name) throw new MemoryBudgetError(message, 0)
+    throw new PeerFailedError(channel.remotePeer, message)
   }
   options.onWorkerReady?.(link.index, channel.remotePeer)
+}
+
+/**
+ * The model's tensors as the slicer wants them, each read from the file once and cached until `clear()`:
+ * 1-D tensors as f32, 2-D weights as linear weights (quantized ones stay quantized).
+ */
+class ModelWeights implements WeightSource {
+  readonly #model: ModelDescription
+  readonly #cache = new Map<string, LinearWeight | Float32Array>()
+
+  constructor(model: ModelDescription) {
+    this.#model = model
+  }
+
+  vector(name: string): Float32Array {
+    let t = this.#cache.get(name)
+    if (!t) {
+      t = readTensorF32(this.#model, name)
+      this.#cache.set(name, t)
+    }
+    return t as Float32Array
+  }
+
+  linear(name: string): LinearWeight {
+    let t = this.#cache.get(name)
+    if (!t) {
+      const ref = this.#model.tensors.get(name)
+      if (ref?.shape.length !== 2) throw new RangeError(`model ${this.#model.path} has no 2-D tensor ${name}`)
+      t = toLinearWeight(ref.dtype, readTensorBytes(this.#model, name), ref.shape[0]!, ref.shape[1]!)
+      this.#cache.set(name, t)
+    }
+    return t as LinearWeight
+  }
+
+  /** Forgets the cached tensors of layer `layer`. */
+  clearLayer(layer: number): void {
+    for (const name of this.#cache.keys()) if (name.startsWith(`blk.${layer}.`)) this.#cache.delete(name)
+  }
+
+  clear(): void {
+    this.#cache.clear()
+  }
+}
+
+/**
+ * The tensor-parallel plan for `model` over `nPeers` peers, with the block constraints its storage imposes.
+ * Pure: call it before starting any process to refuse an impossible plan early.
+ * @throws RangeError naming the numbers (see `planTensorParallel`).
+ */
+export function planCluster(model: ModelDescription, nPeers: number): TensorParallelPlan {
+  return planTensorParallel(model.config, nPeers, planConstraints(model))
+}
+
+/** Block constraints of the plan from how W2 and Wo are stored (quantized ones cut only on 32-column blocks). */
+function planConstraints(model: ModelDescription): TensorParallelOptions {
+  const quantized = (name: string): boolean => {
+    const dtype = model.tensors.get(name)?.dtype
+    return dtype === 'q4_0' || dtype === 'q8_0'
+  }
+  const layers = Array.from({ length: model.config.nLayers }, (_, i) => i)
+  return {
+    ffnBlock: layers.some((i) => quantized(`blk.${i}.ffn_down.weight`)) ? 32 : 1,
+    attentionBlock: layers.some((i) => quantized(`blk.${i}.attn_output.weight`)) ? 32 : 1,
+  }
 }
 
 async function firstFrame(channel: FramedChannel): Promise<Frame> {

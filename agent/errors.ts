@@ -29,3 +29,27 @@ export class UsageError extends Error {
     this.name = 'UsageError'
   }
 }
+
+/** Discovery found fewer agents than a cluster needs (none on the LAN, all busy, or fewer than asked for). */
+export class DiscoveryError extends Error {
+  static override name = 'DiscoveryError'
+  constructor(message: string, options?: ErrorOptions) {
+    super(message, options)
+    this.name = 'DiscoveryError'
+  }
+}
+
+/**
+ * Split computing failed between a head and a tail peer: a malformed or unexpected frame, a model mismatch, or a
+ * failure the other side reported (`remoteName` is the name of the error it raised there, e.g. `CutError`).
+ */
+export class SplitProtocolError extends Error {
+  static override name = 'SplitProtocolError'
+  /** Name of the error raised on the other peer, when it reported one. */
+  readonly remoteName: string | undefined
+  constructor(message: string, options?: ErrorOptions & { remoteName?: string }) {
+    super(message, options)
+    this.name = 'SplitProtocolError'
+    this.remoteName = options?.remoteName
+  }
+}

@@ -19,8 +19,18 @@ export interface GenerateOptions extends SamplerOptions {
   readonly onText?: (bytes: Uint8Array) => void
   /** Logits [vocab] f32 used to choose the token at position `pos + 1`, for every position from 0. */
   readonly onLogits?: (pos: number, logits: Float32Array) => void
+  /** Pass the prompt's pieces to `onText` before the generated ones (run.c prints them). Default true. */
+  readonly echoPrompt?: boolean
+  /** Keep generating past BOS/EOS (llama.cpp's `ignore_eos`): only `maxTokens`, the context or `shouldStop` end it. */
+  readonly ignoreEos?: boolean
+  /** Asked after each generated token's text went to `onText`: true ends generation (e.g. a stop sequence matched). */
+  readonly shouldStop?: () => boolean
+  /** Ends generation between two forward passes with the signal's reason (an AbortError by default). */
   readonly signal?: AbortSignal
 }
+
+/** Why generation ended: BOS/EOS sampled, `maxTokens` reached, the context full, or `shouldStop` said so. */
+export type StopReason = 'eos' | 'max-tokens' | 'context' | 'stopped'
 
 /** Outcome and timings of one generation. */
 export interface GenerationResult {
@@ -37,17 +47,26 @@ export interface GenerationResult {
   readonly ttftMs: number
   /** Mean decode time per generated token after the first, in ms (0 when only one). */
   readonly msPerToken: number
+  readonly stopReason: StopReason
 }
 
 /**
  * Greedy or sampled generation as llama2.c run.c's `generate`: the prompt is prefilled in one forward pass, then
  * one token per pass until `maxTokens` new tokens, the model's context end, or BOS/EOS (BOS ends a TinyStories
  * story as in run.c; EOS ends real chat models).
- * @throws whatever the cluster throws (PeerFailedError naming a peer); AbortError when `signal` aborts.
+ * @param prompt text (encoded with BOS first) or token ids used as they are (e.g. a rendered chat template).
+ * @throws whatever the cluster throws (PeerFailedError naming a peer); the signal's reason when `signal` aborts;
+ *   RangeError when the prompt is empty or does not fit the context.
  */
-export async function generate(cluster: Cluster, codec: TextCodec, prompt: string, options: GenerateOptions): Promise<GenerationResult> {
+export async function generate(
+  cluster: Cluster,
+  codec: TextCodec,
+  prompt: string | readonly number[],
+  options: GenerateOptions,
+): Promise<GenerationResult> {
   if (!Number.isInteger(options.maxTokens) || options.maxTokens < 1) throw new RangeError(`max tokens must be a whole number ≥ 1, got ${options.maxTokens}`)
-  const promptTokens = codec.encode(prompt)
+  const promptTokens = typeof prompt === 'string' ? codec.encode(prompt) : [...prompt]
+  if (promptTokens.length === 0) throw new RangeError('prompt of 0 tokens: at least one token (BOS) is needed')
   const contextLen = cluster.plan.model.maxSeqLen
   if (promptTokens.length >= contextLen) {
     throw new RangeError(`prompt of ${promptTokens.length} tokens does not fit the model's context of ${contextLen}`)
@@ -62,10 +81,13 @@ export async function generate(cluster: Cluster, codec: TextCodec, prompt: strin
   }
   for (let i = 1; i < promptTokens.length; i++) {
     nextTokens.push(promptTokens[i]!)
-    emit(promptTokens[i - 1]!, promptTokens[i]!)
+    if (options.echoPrompt ?? true) emit(promptTokens[i - 1]!, promptTokens[i]!)
   }
 
   const wantAll = options.onLogits !== undefined
+  // With tracing on, one `token` span per generated token: from its forward pass to the sampled id.
+  const tracer = cluster.tracer
+  let forwardAt = tracer ? performance.now() : 0
   let logits = await cluster.forward(promptTokens, wantAll)
   const vocab = cluster.model.config.vocabSize
   if (wantAll) {
@@ -76,22 +98,39 @@ export async function generate(cluster: Cluster, codec: TextCodec, prompt: strin
   let firstAt = 0
   let generated = 0
   let prev = promptTokens[promptTokens.length - 1]!
+  let stopReason: StopReason
   for (;;) {
     options.signal?.throwIfAborted()
     const token = sampler.sample(logits)
     generated++
     nextTokens.push(token)
+    if (tracer) tracer.span('token', 'token', forwardAt, performance.now(), { index: generated - 1, token, pos: cluster.position - 1 })
     if (generated === 1) {
       firstAt = performance.now()
       ttftMs = firstAt - started
     }
-    if (token === codec.bosId || token === codec.eosId) break
+    if (!options.ignoreEos && (token === codec.bosId || token === codec.eosId)) {
+      stopReason = 'eos'
+      break
+    }
     emit(prev, token)
     prev = token
-    if (generated >= options.maxTokens || cluster.position >= contextLen) break
+    if (options.shouldStop?.()) {
+      stopReason = 'stopped'
+      break
+    }
+    if (generated >= options.maxTokens) {
+      stopReason = 'max-tokens'
+      break
+    }
+    if (cluster.position >= contextLen) {
+      stopReason = 'context'
+      break
+    }
+    if (tracer) forwardAt = performance.now()
     logits = await cluster.forward([token])
     options.onLogits?.(cluster.position - 1, logits)
   }
   const msPerToken = generated > 1 ? (performance.now() - firstAt) / (generated - 1) : 0
-  return { promptTokens, nextTokens, generated, ttftMs, msPerToken }
+  return { promptTokens, nextTokens, generated, ttftMs, msPerToken, stopReason }
 }

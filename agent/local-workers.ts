@@ -30,7 +30,10 @@ process.on('exit', () => {
  * @throws PeerFailedError when a worker exits or stays silent for `timeoutMs` before listening; every worker
  *   already started is stopped first.
  */
-export async function spawnLocalWorkers(count: number, options: { timeoutMs?: number; signal?: AbortSignal } = {}): Promise<LocalWorkers> {
+export async function spawnLocalWorkers(
+  count: number,
+  options: { timeoutMs?: number; signal?: AbortSignal; memoryBudgetBytes?: number } = {},
+): Promise<LocalWorkers> {
   const processes: ChildProcess[] = []
   const stop = async (graceMs = 2000): Promise<void> => {
     await Promise.all(processes.map((p) => stopChild(p, graceMs)))
@@ -38,7 +41,8 @@ export async function spawnLocalWorkers(count: number, options: { timeoutMs?: nu
   try {
     const addresses = await Promise.all(
       Array.from({ length: count }, (_, i) => {
-        const child = spawn(process.execPath, [CLI_PATH, 'agent', '--listen', '/ip4/127.0.0.1/tcp/0', '--exit-with-parent'], {
+        const budget = options.memoryBudgetBytes === undefined ? [] : ['--memory-budget', String(options.memoryBudgetBytes)]
+        const child = spawn(process.execPath, [CLI_PATH, 'agent', '--listen', '/ip4/127.0.0.1/tcp/0', '--exit-with-parent', ...budget], {
           stdio: ['pipe', 'pipe', 'inherit'],
           env: process.env,
         })

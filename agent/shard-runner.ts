@@ -1,13 +1,19 @@
 import type { Allreduce } from '../transport/index.ts'
 import {
+  type AttentionShardWeights,
   buildAttentionBlock,
   buildFfnBlock,
+  type FfnShardWeights,
+  type GraphConstants,
   type LayerShardWeights,
+  type LinearWeight,
   ropeTables,
   type ShardSpec,
   type TensorParallelPlan,
 } from '../splitter/index.ts'
 import { type HostTensor, type RuntimeOptions, Session } from './runtime.ts'
+import type { Tracer } from './trace.ts'
+import { ResidentStore, type WeightStore } from './weight-store.ts'
 
 /** Time spent in one forward pass of a shard, in milliseconds. */
 export interface ForwardTimings {
@@ -15,6 +21,8 @@ export interface ForwardTimings {
   computeMs: number
   /** Waiting for allreduce results (network plus slower peers). */
   allreduceMs: number
+  /** Waiting for weight blocks still being read from disk (sliding window). */
+  ioWaitMs: number
 }
 
 /** Allreduce tag of sync point `phase` (0 attention, 1 FFN) of `layer` in forward pass `step`. */
@@ -32,9 +40,11 @@ export function allreduceTag(step: number, nLayers: number, layer: number, phase
 export class ShardRunner {
   readonly plan: TensorParallelPlan
   readonly shard: ShardSpec
-  readonly #weights: readonly LayerShardWeights[]
-  readonly #attention: Session | null
-  readonly #ffn: Session | null
+  readonly #store: WeightStore | null
+  readonly #window: number
+  // Per layer: a session with that layer's weights baked in, or one shared session fed the weights as inputs.
+  readonly #attention: readonly (Session | null)[]
+  readonly #ffn: readonly (Session | null)[]
   readonly #rope: { cos: Float32Array; sin: Float32Array }
   // Per layer: [kvHeads, cachedLen, headDim] f32
   #pastK: Float32Array[]
@@ -44,61 +54,95 @@ export class ShardRunner {
   private constructor(
     plan: TensorParallelPlan,
     shard: ShardSpec,
-    weights: readonly LayerShardWeights[],
-    attention: Session | null,
-    ffn: Session | null,
+    store: WeightStore | null,
+    window: number,
+    attention: readonly (Session | null)[],
+    ffn: readonly (Session | null)[],
   ) {
     this.plan = plan
     this.shard = shard
-    this.#weights = weights
+    this.#store = store
+    this.#window = window
     this.#attention = attention
     this.#ffn = ffn
     const m = plan.model
     this.#rope = ropeTables(m.maxSeqLen, m.headDim, m.ropeTheta, m.ropeStyle)
-    this.#pastK = weights.map(() => new Float32Array(0))
-    this.#pastV = weights.map(() => new Float32Array(0))
+    this.#pastK = Array.from({ length: m.nLayers }, () => new Float32Array(0))
+    this.#pastV = Array.from({ length: m.nLayers }, () => new Float32Array(0))
   }
 
   /**
    * Builds the shard's graphs and loads them into onnxruntime.
-   * @param weights one entry per layer, cut for `plan.shards[shardIndex]` (see `sliceLayerShard`).
+   * @param weights one entry per layer, cut for `plan.shards[shardIndex]` (see `sliceLayerShard`), or a store that
+   *   streams them (sliding window).
    * @throws RangeError when the weights do not match the plan; RuntimeError when ORT refuses a graph.
    */
   static async create(
     plan: TensorParallelPlan,
     shardIndex: number,
-    weights: readonly LayerShardWeights[],
+    weights: readonly LayerShardWeights[] | WeightStore,
     options: RuntimeOptions = {},
   ): Promise<ShardRunner> {
     const shard = plan.shards[shardIndex]
     if (!shard) throw new RangeError(`cannot run shard ${shardIndex}: the plan has ${plan.shards.length} shards`)
     const m = plan.model
-    if (weights.length !== m.nLayers) throw new RangeError(`cannot run shard ${shardIndex}: ${weights.length} layers of weights, plan has ${m.nLayers}`)
-    for (const [layer, w] of weights.entries()) {
-      if ((w.attention === null) !== (shard.kvHeads.count === 0) || (w.ffn === null) !== (shard.ffnColumns.count === 0)) {
-        throw new RangeError(`cannot run shard ${shardIndex}: layer ${layer} weights do not match the plan's shares`)
+    let store: WeightStore
+    if (Array.isArray(weights)) {
+      const layers = weights as readonly LayerShardWeights[]
+      if (layers.length !== m.nLayers) throw new RangeError(`cannot run shard ${shardIndex}: ${layers.length} layers of weights, plan has ${m.nLayers}`)
+      // One session per block kind serves every layer (the weights are inputs), so layers must agree on storage.
+      const a0 = layers[0]?.attention
+      const f0 = layers[0]?.ffn
+      for (const [layer, w] of layers.entries()) {
+        if ((w.attention === null) !== (shard.kvHeads.count === 0) || (w.ffn === null) !== (shard.ffnColumns.count === 0)) {
+          throw new RangeError(`cannot run shard ${shardIndex}: layer ${layer} weights do not match the plan's shares`)
+        }
+        const sameA = !a0 || (w.attention && (['wq', 'wk', 'wv', 'wo'] as const).every((n) => w.attention![n].bits === a0[n].bits))
+        const sameF = !f0 || (w.ffn && (['w1', 'w3', 'w2'] as const).every((n) => w.ffn![n].bits === f0[n].bits))
+        if (!sameA || !sameF) throw new RangeError(`cannot run shard ${shardIndex}: layer ${layer} stores its weights differently from layer 0`)
       }
+      store = new ResidentStore(layers)
+    } else {
+      store = weights as WeightStore
     }
-    const attention =
-      shard.kvHeads.count > 0
-        ? await Session.create(
-            'attention',
-            buildAttentionBlock({
-              dim: m.dim,
-              headDim: m.headDim,
-              heads: shard.heads.count,
-              kvHeads: shard.kvHeads.count,
-              normEps: m.normEps,
-              ropeStyle: m.ropeStyle,
-            }),
-            options,
-          )
-        : null
-    const ffn =
-      shard.ffnColumns.count > 0
-        ? await Session.create('ffn', buildFfnBlock({ dim: m.dim, columns: shard.ffnColumns.count, normEps: m.normEps }), options)
-        : null
-    return new ShardRunner(plan, shard, weights, attention, ffn)
+    if ((store.layout.attention === null) !== (shard.kvHeads.count === 0) || (store.layout.ffn === null) !== (shard.ffnColumns.count === 0)) {
+      throw new RangeError(`cannot run shard ${shardIndex}: its weights do not match the plan's shares`)
+    }
+    const a0 = store.layout.attention
+    const f0 = store.layout.ffn
+    const attentionShape = a0 && {
+      dim: m.dim,
+      headDim: m.headDim,
+      heads: shard.heads.count,
+      kvHeads: shard.kvHeads.count,
+      normEps: m.normEps,
+      ropeStyle: m.ropeStyle,
+      qkvBias: m.qkvBias,
+      bits: a0,
+    }
+    const ffnShape = f0 && { dim: m.dim, columns: shard.ffnColumns.count, normEps: m.normEps, bits: f0 }
+    const window = store.window
+    if (store instanceof ResidentStore) {
+      // Resident: one session per layer and block with the weights baked in as initializers (ORT pre-packs them;
+      // MatMulNBits is ~400× slower with B as an input). Our copies are dropped once ORT holds its own.
+      const attention: (Session | null)[] = []
+      const ffn: (Session | null)[] = []
+      for (let layer = 0; layer < m.nLayers; layer++) {
+        attention.push(
+          attentionShape
+            ? await Session.create(`attention ${layer}`, buildAttentionBlock(attentionShape, asConstants(attentionWeightFeeds(await store.attention(layer)))), options)
+            : null,
+        )
+        ffn.push(ffnShape ? await Session.create(`ffn ${layer}`, buildFfnBlock(ffnShape, asConstants(ffnWeightFeeds(await store.ffn(layer)))), options) : null)
+      }
+      await store.close()
+      return new ShardRunner(plan, shard, null, window, attention, ffn)
+    }
+    // Streaming: one session per block kind, fed each layer's weights from the sliding window.
+    const attention = attentionShape ? await Session.create('attention', buildAttentionBlock(attentionShape), options) : null
+    const ffn = ffnShape ? await Session.create('ffn', buildFfnBlock(ffnShape), options) : null
+    const layers = Array.from({ length: m.nLayers }, () => 0)
+    return new ShardRunner(plan, shard, store, window, layers.map(() => attention), layers.map(() => ffn))
   }
 
   /** Positions held in the KV cache. */
@@ -108,18 +152,25 @@ export class ShardRunner {
 
   /** Forgets the KV cache: the next forward starts a sequence at position 0. */
   reset(): void {
-    this.#pastK = this.#weights.map(() => new Float32Array(0))
-    this.#pastV = this.#weights.map(() => new Float32Array(0))
+    this.#pastK = this.#pastK.map(() => new Float32Array(0))
+    this.#pastV = this.#pastV.map(() => new Float32Array(0))
     this.#cachedLen = 0
+  }
+
+  /** The weight store's window (blocks resident at most) and its I/O wait so far. */
+  get weights(): { readonly window: number; readonly ioWaitMs: number } {
+    return { window: this.#window, ioWaitMs: this.#store?.ioWaitMs ?? 0 }
   }
 
   /**
    * Runs all layers on `x` [seq, dim] f32 (positions pos0..pos0+seq-1, pos0 = cachedLength) in place and returns it.
    * Every peer of the plan must call this with the same `step`, `pos0` and `x`.
+   * @param tracer when given, records per layer `attention` / `ffn` (compute), `allreduce` (wait) and, streaming
+   *   weights, `weights` (I/O) spans, plus one `forward` span around them.
    * @throws RangeError when pos0 is not the cached length or the sequence would pass maxSeqLen; whatever the
    *   allreduce throws (a peer gone).
    */
-  async forward(x: Float32Array, pos0: number, step: number, allreduce: Allreduce, timings?: ForwardTimings): Promise<Float32Array> {
+  async forward(x: Float32Array, pos0: number, step: number, allreduce: Allreduce, timings?: ForwardTimings, tracer?: Tracer): Promise<Float32Array> {
     const m = this.plan.model
     const seq = x.length / m.dim
     if (!Number.isInteger(seq) || seq < 1) throw new RangeError(`cannot forward ${x.length} values: not a whole number of rows of ${m.dim}`)
@@ -134,25 +185,32 @@ export class ShardRunner {
     const mask = causalMask(seq, pos0)
     const now = performance.now.bind(performance)
 
+    const store = this.#store
+    const io0 = store?.ioWaitMs ?? 0
+    const forwardStart = tracer ? now() : 0
     for (let layer = 0; layer < m.nLayers; layer++) {
-      const w = this.#weights[layer]!
       let partial: Float32Array | null = null
       let t0 = now()
-      if (this.#attention && w.attention) {
-        const a = w.attention
-        const out = await this.#attention.run({
+      const attention = this.#attention[layer]
+      if (attention) {
+        let weights = {}
+        if (store) {
+          const waited = store.ioWaitMs
+          weights = attentionWeightFeeds(await store.attention(layer))
+          if (tracer) tracer.span('weights', 'io', t0, now(), { layer, block: 'attention', step, waitMs: store.ioWaitMs - waited })
+        }
+        const tc = tracer ? now() : 0
+        const out = await attention.run({
           x: rows(x, m.dim),
           cos,
           sin,
           mask: { data: mask, dims: [seq, total] },
           past_k: { data: this.#pastK[layer]!, dims: [kvHeads, pos0, hd] },
           past_v: { data: this.#pastV[layer]!, dims: [kvHeads, pos0, hd] },
-          attn_norm: { data: a.attn_norm, dims: [m.dim] },
-          wq: rows(a.wq, m.dim),
-          wk: rows(a.wk, m.dim),
-          wv: rows(a.wv, m.dim),
-          wo: rows(a.wo, a.wq.length / m.dim),
+          ...weights,
         })
+        if (tracer) tracer.span('attention', 'compute', tc, now(), { layer, step })
+        store?.release(layer, 'attention')
         this.#pastK[layer] = out.present_k!.data as Float32Array
         this.#pastV[layer] = out.present_v!.data as Float32Array
         partial = out.partial!.data as Float32Array
@@ -160,6 +218,7 @@ export class ShardRunner {
       let t1 = now()
       const attnSum = await allreduce.allreduce(allreduceTag(step, m.nLayers, layer, 0), partial)
       let t2 = now()
+      if (tracer) tracer.span('allreduce', 'allreduce', t1, t2, { layer, block: 'attention', step, tag: allreduceTag(step, m.nLayers, layer, 0) })
       addInPlace(x, attnSum)
       if (timings) {
         timings.computeMs += t1 - t0
@@ -168,20 +227,24 @@ export class ShardRunner {
 
       partial = null
       t0 = now()
-      if (this.#ffn && w.ffn) {
-        const f = w.ffn
-        const out = await this.#ffn.run({
-          h: rows(x, m.dim),
-          ffn_norm: { data: f.ffn_norm, dims: [m.dim] },
-          w1: rows(f.w1, m.dim),
-          w3: rows(f.w3, m.dim),
-          w2: rows(f.w2, f.w1.length / m.dim),
-        })
+      const ffn = this.#ffn[layer]
+      if (ffn) {
+        let weights = {}
+        if (store) {
+          const waited = store.ioWaitMs
+          weights = ffnWeightFeeds(await store.ffn(layer))
+          if (tracer) tracer.span('weights', 'io', t0, now(), { layer, block: 'ffn', step, waitMs: store.ioWaitMs - waited })
+        }
+        const tc = tracer ? now() : 0
+        const out = await ffn.run({ h: rows(x, m.dim), ...weights })
+        if (tracer) tracer.span('ffn', 'compute', tc, now(), { layer, step })
+        store?.release(layer, 'ffn')
         partial = out.partial!.data as Float32Array
       }
       t1 = now()
       const ffnSum = await allreduce.allreduce(allreduceTag(step, m.nLayers, layer, 1), partial)
       t2 = now()
+      if (tracer) tracer.span('allreduce', 'allreduce', t1, t2, { layer, block: 'ffn', step, tag: allreduceTag(step, m.nLayers, layer, 1) })
       addInPlace(x, ffnSum)
       if (timings) {
         timings.computeMs += t1 - t0
@@ -189,13 +252,65 @@ export class ShardRunner {
       }
     }
     this.#cachedLen = total
+    if (tracer) tracer.span('forward', 'forward', forwardStart, now(), { step, pos0, seq })
+    if (timings) {
+      // I/O wait happened inside the compute spans above; report it on its own.
+      const io = (store?.ioWaitMs ?? 0) - io0
+      timings.ioWaitMs += io
+      timings.computeMs -= io
+    }
     return x
   }
 
   /** Releases the ORT sessions. */
   async release(): Promise<void> {
-    await this.#attention?.release()
-    await this.#ffn?.release()
+    for (const session of new Set([...this.#attention, ...this.#ffn])) await session?.release()
+    await this.#store?.close()
+  }
+}
+
+/** Weight feeds as graph constants (weights are only ever f32 or uint8). */
+export function asConstants(feeds: Record<string, HostTensor>): GraphConstants {
+  const out: Record<string, { data: Float32Array | Uint8Array; dims: readonly number[] }> = {}
+  for (const [name, t] of Object.entries(feeds)) {
+    if (!(t.data instanceof Float32Array || t.data instanceof Uint8Array)) throw new TypeError(`weight ${name} is neither f32 nor uint8`)
+    out[name] = { data: t.data, dims: t.dims }
+  }
+  return out
+}
+
+/** Weight inputs of the attention graph (names as in `buildAttentionBlock`). */
+function attentionWeightFeeds(a: AttentionShardWeights): Record<string, HostTensor> {
+  const vec = (t: Float32Array): HostTensor => ({ data: t, dims: [t.length] })
+  return {
+    attn_norm: vec(a.attn_norm),
+    ...linearFeeds('wq', a.wq),
+    ...linearFeeds('wk', a.wk),
+    ...linearFeeds('wv', a.wv),
+    ...linearFeeds('wo', a.wo),
+    ...(a.bias ? { bq: vec(a.bias.bq), bk: vec(a.bias.bk), bv: vec(a.bias.bv) } : {}),
+  }
+}
+
+/** Weight inputs of the FFN graph (names as in `buildFfnBlock`). */
+function ffnWeightFeeds(f: FfnShardWeights): Record<string, HostTensor> {
+  return {
+    ffn_norm: { data: f.ffn_norm, dims: [f.ffn_norm.length] },
+    ...linearFeeds('w1', f.w1),
+    ...linearFeeds('w3', f.w3),
+    ...linearFeeds('w2', f.w2),
+  }
+}
+
+/**
+ * Graph feeds of linear weight `name` (see `linear` in splitter/graph/llama-blocks.ts): `name` f32 [out, in], or
+ * `name` uint8 [out, in/32, 32·bits/8] plus `name_scales` f32 [out·in/32].
+ */
+export function linearFeeds(name: string, w: LinearWeight): Record<string, HostTensor> {
+  if (w.bits === 32) return { [name]: { data: w.data, dims: [w.rows, w.cols] } }
+  return {
+    [name]: { data: w.blob, dims: [w.rows, w.cols / 32, (32 * w.bits) / 8] },
+    [`${name}_scales`]: { data: w.scales, dims: [w.scales.length] },
   }
 }
 

@@ -1,14 +1,21 @@
 import { logger } from '@libp2p/logger'
-import type { LayerShardWeights, TensorParallelPlan } from '../splitter/index.ts'
+import type { LayerShardWeights, LinearWeight, TensorParallelPlan } from '../splitter/index.ts'
 import {
+  type AllreduceLink,
   f32Body,
   type FramedChannel,
   StarAllreduceMember,
   TENSOR_PARALLEL_PROTOCOL,
   TransportNode,
 } from '../transport/index.ts'
-import { parseMasterMessage, WEIGHT_NAMES, type WeightName } from './protocol.ts'
-import { ShardRunner } from './shard-runner.ts'
+import { join } from 'node:path'
+import { memoryUsage } from './memory.ts'
+import { type MasterMessage, parseMasterMessage, tensorBodyBytes, VECTOR_NAMES, type WeightName, type WorkerStats } from './protocol.ts'
+import { defaultShardDir, kvCacheBytes } from './shard-encoding.ts'
+import { deviceProfile, serveInfo } from './peer-info.ts'
+import { type ForwardTimings, ShardRunner } from './shard-runner.ts'
+import { TraceRecorder, traceReceive, tracedLink, wallClockMs } from './trace.ts'
+import { openShard, ShardFileWriter } from './weight-store.ts'
 
 const log = logger('edgeshard:agent:worker')
 
@@ -18,6 +25,15 @@ export interface WorkerOptions {
   readonly listen: readonly string[]
   /** Called when a master's session ends (normally or not); `error` is set when it failed. */
   readonly onSessionEnd?: (peer: string, error?: Error) => void
+  /**
+   * Bytes for this agent's weights and KV cache. A shard larger than that is stored on local disk and streamed
+   * through a sliding window of half-layer blocks (TPI-LLM §3.3). Default: all resident.
+   */
+  readonly memoryBudgetBytes?: number
+  /** Where shard files go in sliding-window mode (default: a folder under the OS temp dir). */
+  readonly shardDir?: string
+  /** Announce this agent on the LAN by mDNS so masters and `edgeshard peers` find it. Default false. */
+  readonly mdns?: boolean
 }
 
 /**
@@ -29,15 +45,25 @@ export interface WorkerOptions {
 export class WorkerAgent {
   readonly #node: TransportNode
   readonly #options: WorkerOptions
+  /** Masters being served now. */
+  #sessions = 0
 
   constructor(options: WorkerOptions) {
     this.#options = options
-    this.#node = new TransportNode({ listen: [...options.listen] })
+    this.#node = new TransportNode({ listen: [...options.listen], ...(options.mdns ? { mdns: { announce: true } } : {}) })
   }
 
   async start(): Promise<void> {
     await this.#node.start()
-    await this.#node.handle(TENSOR_PARALLEL_PROTOCOL, (channel) => this.#serve(channel))
+    await this.#node.handle(TENSOR_PARALLEL_PROTOCOL, async (channel) => {
+      this.#sessions++
+      try {
+        await this.#serve(channel)
+      } finally {
+        this.#sessions--
+      }
+    })
+    await serveInfo(this.#node, () => deviceProfile(this.#sessions > 0))
   }
 
   /** Full multiaddrs (with `/p2p/<peer id>`) masters can dial. */
@@ -56,13 +82,21 @@ export class WorkerAgent {
   async #serve(channel: FramedChannel): Promise<void> {
     const peer = channel.remotePeer
     log('master %s connected', peer)
-    const member = new StarAllreduceMember(channel)
+    // Tracing (the plan says so): allreduce sends go through a traced link; otherwise straight to the channel.
+    let tracer: TraceRecorder | undefined
+    let hubLink: AllreduceLink = channel
+    const member = new StarAllreduceMember({ peer: channel.peer, send: (header, body) => hubLink.send(header, body) })
     let plan: TensorParallelPlan | null = null
     let shardIndex = 0
     let threads = 1
-    let layers: Partial<Record<WeightName, Float32Array>>[] = []
+    let layers: Partial<Record<WeightName, LinearWeight>>[] = []
     let received = 0
     let runner: ShardRunner | null = null
+    let writer: ShardFileWriter | null = null
+    let shardDir = ''
+    let overheadBytes = 0
+    let forwards = 0
+    const timings: ForwardTimings = { computeMs: 0, allreduceMs: 0, ioWaitMs: 0 }
     let work: Promise<void> = Promise.resolve()
     let failure: Error | undefined
     const fail = (err: Error): void => {
@@ -71,13 +105,14 @@ export class WorkerAgent {
       log.error('session with %s failed: %s', peer, err.message)
       member.fail(err)
       void channel
-        .send({ type: 'error', message: err.message })
+        .send({ type: 'error', message: err.message, errorName: err.name })
         .catch(() => {})
         .finally(() => channel.close())
     }
     try {
       for await (const frame of channel) {
         if (failure) break
+        if (tracer) traceReceive(tracer, frame.header, frame.body.byteLength, peer)
         if (frame.header.type === 'ar') {
           member.deliver(frame)
           continue
@@ -88,14 +123,26 @@ export class WorkerAgent {
             plan = msg.plan
             shardIndex = msg.shardIndex
             threads = msg.threads
+            tracer = msg.trace ? new TraceRecorder() : undefined
+            hubLink = tracer ? tracedLink(channel, tracer) : channel
             layers = Array.from({ length: plan.model.nLayers }, () => ({}))
             received = 0
+            if (this.#options.memoryBudgetBytes !== undefined) {
+              shardDir = join(this.#options.shardDir ?? defaultShardDir('worker'), `shard-${shardIndex}`)
+              writer = await ShardFileWriter.create(shardDir)
+            }
             break
           case 'tensor': {
             if (!plan) throw new RangeError('tensor frame before the plan')
             const layer = layers[msg.layer]
             if (!layer) throw new RangeError(`tensor for layer ${msg.layer}: the plan has ${plan.model.nLayers} layers`)
-            layer[msg.name] = f32Body(frame)
+            if (writer) {
+              const expected = tensorBodyBytes(msg.bits, msg.rows, msg.cols)
+              if (frame.body.byteLength !== expected) throw new RangeError(`tensor ${msg.name}: ${frame.body.byteLength} bytes, expected ${expected}`)
+              await writer.add(msg.layer, msg.name, msg.bits, msg.rows, msg.cols, frame.body)
+            } else {
+              layer[msg.name] = receivedWeight(msg, frame.body)
+            }
             received++
             break
           }
@@ -103,8 +150,16 @@ export class WorkerAgent {
             if (!plan) throw new RangeError('load-done before the plan')
             if (msg.tensors !== received) throw new RangeError(`load-done announces ${msg.tensors} tensors, received ${received}`)
             await runner?.release()
-            runner = await ShardRunner.create(plan, shardIndex, layers.map(toLayerWeights), { threads })
+            if (writer) {
+              await writer.finish()
+              writer = null
+              const store = await openShard(shardDir, { budgetBytes: this.#options.memoryBudgetBytes!, kvCacheBytes: kvCacheBytes(plan, shardIndex) })
+              runner = await ShardRunner.create(plan, shardIndex, store, { threads, lowMemory: true })
+            } else {
+              runner = await ShardRunner.create(plan, shardIndex, layers.map(toLayerWeights), { threads })
+            }
             layers = []
+            overheadBytes = memoryUsage().rssBytes
             await channel.send({ type: 'ready', shardIndex })
             log('shard %d ready for %s', shardIndex, peer)
             break
@@ -116,13 +171,37 @@ export class WorkerAgent {
             if (x.length !== msg.seq * r.plan.model.dim) {
               throw new RangeError(`forward of ${msg.seq} positions needs ${msg.seq * r.plan.model.dim} values, got ${x.length}`)
             }
-            work = work.then(() => r.forward(x, msg.pos0, msg.step, member).then(() => {}))
+            work = work.then(() =>
+              r.forward(x, msg.pos0, msg.step, member, timings, tracer).then(() => {
+                forwards++
+              }),
+            )
             work.catch((err: unknown) => fail(err as Error))
             break
           }
           case 'reset': {
             const r = runner
             work = work.then(() => r?.reset())
+            break
+          }
+          case 'stats': {
+            await work.catch(() => {})
+            const stats: WorkerStats = {
+              forwards,
+              ...timings,
+              window: runner?.weights.window ?? 0,
+              ...memoryUsage(),
+              overheadBytes,
+            }
+            await channel.send({ type: 'stats', ...stats })
+            break
+          }
+          case 'trace': {
+            const receivedMs = wallClockMs()
+            await work.catch(() => {})
+            const recorded = tracer?.take() ?? { timeOriginMs: performance.timeOrigin, spans: [] }
+            const body = new TextEncoder().encode(JSON.stringify(recorded.spans))
+            await channel.send({ type: 'trace', timeOriginMs: recorded.timeOriginMs, receivedMs, sentMs: wallClockMs() }, body)
             break
           }
           case 'bye':
@@ -143,7 +222,28 @@ export class WorkerAgent {
   }
 }
 
-function toLayerWeights(w: Partial<Record<WeightName, Float32Array>>, layer: number): LayerShardWeights {
+/**
+ * A weight from a `tensor` frame body (layout in protocol.ts), as views on the body.
+ * @throws RangeError when the body size does not match the header.
+ */
+function receivedWeight(msg: Extract<MasterMessage, { type: 'tensor' }>, body: Uint8Array): LinearWeight {
+  const { bits, rows, cols, name } = msg
+  const expected = tensorBodyBytes(bits, rows, cols)
+  if (body.byteLength !== expected) throw new RangeError(`tensor ${name}: ${body.byteLength} bytes, ${rows}×${cols} at ${bits} bits needs ${expected}`)
+  if (bits === 32) return { bits, rows, cols, data: new Float32Array(body.buffer, body.byteOffset, rows * cols) }
+  if (VECTOR_NAMES.has(name)) throw new RangeError(`tensor ${name}: vectors are sent as f32, got ${bits} bits`)
+  const blobBytes = (rows * cols * bits) / 8
+  // The frame body is 8-byte aligned and the blob length is a multiple of 4 (cols is a multiple of 32).
+  return {
+    bits,
+    rows,
+    cols,
+    blob: body.subarray(0, blobBytes),
+    scales: new Float32Array(body.buffer, body.byteOffset + blobBytes, (rows * cols) / 32),
+  }
+}
+
+function toLayerWeights(w: Partial<Record<WeightName, LinearWeight>>, layer: number): LayerShardWeights {
   const has = (names: readonly WeightName[]): boolean => {
     const present = names.filter((n) => w[n] !== undefined).length
     if (present !== 0 && present !== names.length) {
@@ -151,10 +251,21 @@ function toLayerWeights(w: Partial<Record<WeightName, Float32Array>>, layer: num
     }
     return present === names.length
   }
-  const attn = WEIGHT_NAMES.slice(0, 5)
-  const ffn = WEIGHT_NAMES.slice(5)
-  return {
-    attention: has(attn) ? { attn_norm: w.attn_norm!, wq: w.wq!, wk: w.wk!, wv: w.wv!, wo: w.wo! } : null,
-    ffn: has(ffn) ? { ffn_norm: w.ffn_norm!, w1: w.w1!, w3: w.w3!, w2: w.w2! } : null,
+  const vec = (n: WeightName): Float32Array => {
+    const t = w[n]!
+    if (t.bits !== 32) throw new RangeError(`layer ${layer}: ${n} must be f32`)
+    return t.data
   }
+  const attention = has(['attn_norm', 'wq', 'wk', 'wv', 'wo'])
+    ? {
+        attn_norm: vec('attn_norm'),
+        wq: w.wq!,
+        wk: w.wk!,
+        wv: w.wv!,
+        wo: w.wo!,
+        bias: has(['bq', 'bk', 'bv']) ? { bq: vec('bq'), bk: vec('bk'), bv: vec('bv') } : null,
+      }
+    : null
+  const ffn = has(['ffn_norm', 'w1', 'w3', 'w2']) ? { ffn_norm: vec('ffn_norm'), w1: w.w1!, w3: w.w3!, w2: w.w2! } : null
+  return { attention, ffn }
 }

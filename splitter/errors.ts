@@ -40,3 +40,19 @@ export class TokenizerFormatError extends Error {
     this.path = path
   }
 }
+
+/**
+ * A chat template (GGUF `tokenizer.chat_template`, tokenizer_config.json `chat_template`) does not parse, or refused
+ * the messages while rendering (the template called `raise_exception`). The message is one line naming `source`.
+ */
+export class ChatTemplateError extends Error {
+  static override name = 'ChatTemplateError'
+  /** Where the template came from (model path or label). */
+  readonly source: string
+
+  constructor(source: string, detail: string, options?: ErrorOptions) {
+    super(oneLine(`chat template of ${source}: ${detail}`), options)
+    this.name = 'ChatTemplateError'
+    this.source = source
+  }
+}

@@ -1,3 +1,6 @@
+import type { DType } from './model.ts'
+import { bf16BytesToF32, f16BytesToF32 } from './quant/ggml-blocks.ts'
+import { ggmlToNBits, type NBitsWeight, nbitsColumns, nbitsRows } from './quant/matmul-nbits.ts'
 import type { PlanModelShape, ShardSpec } from './tensor-parallel-plan.ts'
 
 /**
@@ -27,30 +30,78 @@ export function sliceColumns(matrix: Float32Array, nCols: number, start: number,
   return out
 }
 
-/** One peer's attention weights for one layer (graph input names of `buildAttentionBlock`), f32. */
-export interface AttentionShardWeights {
-  /** [dim] */
-  readonly attn_norm: Float32Array
-  /** [heads*headDim, dim] */
-  readonly wq: Float32Array
-  /** [kvHeads*headDim, dim] */
-  readonly wk: Float32Array
-  /** [kvHeads*headDim, dim] */
-  readonly wv: Float32Array
-  /** [dim, heads*headDim] */
-  readonly wo: Float32Array
+/** A dense linear weight [rows = out, cols = in] f32. */
+export interface F32Weight {
+  readonly bits: 32
+  readonly rows: number
+  readonly cols: number
+  /** [rows, cols] f32 */
+  readonly data: Float32Array
 }
 
-/** One peer's FFN weights for one layer (graph input names of `buildFfnBlock`), f32. */
+/** A linear weight [out, in] as a graph consumes it: dense f32 (Gemm) or 4/8-bit blocks (MatMulNBits). */
+export type LinearWeight = F32Weight | NBitsWeight
+
+/**
+ * A stored tensor [rows, cols] as a linear weight: f32/f16/bf16 become f32, q4_0/q8_0 are re-laid out for
+ * MatMulNBits without dequantizing.
+ * @throws RangeError when the byte count does not fit the shape.
+ */
+export function toLinearWeight(dtype: DType, bytes: Uint8Array, rows: number, cols: number): LinearWeight {
+  if (dtype === 'q4_0' || dtype === 'q8_0') return ggmlToNBits(dtype, bytes, rows, cols)
+  const data =
+    dtype === 'f32'
+      ? bytes.byteOffset % 4 === 0
+        ? new Float32Array(bytes.buffer, bytes.byteOffset, bytes.byteLength / 4)
+        : new Float32Array(bytes.slice().buffer)
+      : dtype === 'f16'
+        ? f16BytesToF32(bytes)
+        : bf16BytesToF32(bytes)
+  if (data.length !== rows * cols) throw new RangeError(`cannot use ${data.length} ${dtype} values as a ${rows}×${cols} weight`)
+  return { bits: 32, rows, cols, data }
+}
+
+/** Output features `[start, start+count)` of a linear weight (zero-copy). */
+export function linearRows(w: LinearWeight, start: number, count: number): LinearWeight {
+  if (w.bits !== 32) return nbitsRows(w, start, count)
+  return { bits: 32, rows: count, cols: w.cols, data: sliceRows(w.data, w.cols, start, count) }
+}
+
+/**
+ * Input features `[start, start+count)` of a linear weight (copied).
+ * @throws RangeError for a quantized weight when the cut is not on a 32-column block boundary.
+ */
+export function linearColumns(w: LinearWeight, start: number, count: number): LinearWeight {
+  if (w.bits !== 32) return nbitsColumns(w, start, count)
+  return { bits: 32, rows: w.rows, cols: count, data: sliceColumns(w.data, w.cols, start, count) }
+}
+
+/** One peer's attention weights for one layer (see `buildAttentionBlock`). */
+export interface AttentionShardWeights {
+  /** [dim] f32 */
+  readonly attn_norm: Float32Array
+  /** [heads*headDim, dim] */
+  readonly wq: LinearWeight
+  /** [kvHeads*headDim, dim] */
+  readonly wk: LinearWeight
+  /** [kvHeads*headDim, dim] */
+  readonly wv: LinearWeight
+  /** [dim, heads*headDim] */
+  readonly wo: LinearWeight
+  /** Q/K/V biases [heads*headDim], [kvHeads*headDim] ×2 f32 (Qwen2), or null. */
+  readonly bias: { readonly bq: Float32Array; readonly bk: Float32Array; readonly bv: Float32Array } | null
+}
+
+/** One peer's FFN weights for one layer (see `buildFfnBlock`). */
 export interface FfnShardWeights {
-  /** [dim] */
+  /** [dim] f32 */
   readonly ffn_norm: Float32Array
   /** gate [columns, dim] */
-  readonly w1: Float32Array
+  readonly w1: LinearWeight
   /** up [columns, dim] */
-  readonly w3: Float32Array
+  readonly w3: LinearWeight
   /** down [dim, columns] */
-  readonly w2: Float32Array
+  readonly w2: LinearWeight
 }
 
 /** A peer's weights for one layer; `null` where its plan gives it no share of that block. */
@@ -59,46 +110,61 @@ export interface LayerShardWeights {
   readonly ffn: FfnShardWeights | null
 }
 
+/** Where slicing reads full model tensors from (by canonical name, shapes as in `ModelDescription`). */
+export interface WeightSource {
+  /** A 1-D tensor (norm weight, bias) as f32. */
+  vector(name: string): Float32Array
+  /** A 2-D tensor [out, in] as a linear weight. */
+  linear(name: string): LinearWeight
+}
+
 /**
  * Cuts one layer's weights for `shard` (Megatron-LM §3): Q/K/V by rows of whole heads, the output projection by the
  * matching columns; W1/W3 by rows, W2 by the matching columns. Norm weights are replicated.
- *
- * @param tensor returns a full model tensor by canonical name (`blk.{layer}.attn_q.weight`, …) as f32, shaped as
- *   in `ModelDescription`.
- * @throws RangeError when a tensor's size does not match `model`.
+ * @throws RangeError when a tensor's size does not match `model`, or a quantized weight would be cut inside a
+ *   32-column block.
  */
-export function sliceLayerShard(
-  model: PlanModelShape,
-  shard: ShardSpec,
-  layer: number,
-  tensor: (name: string) => Float32Array,
-): LayerShardWeights {
+export function sliceLayerShard(model: PlanModelShape, shard: ShardSpec, layer: number, source: WeightSource): LayerShardWeights {
   const { dim, headDim, nHeads, nKvHeads, hiddenDim } = model
-  const t = (suffix: string, expected: number): Float32Array => {
+  const vec = (suffix: string, expected: number): Float32Array => {
     const name = `blk.${layer}.${suffix}`
-    const data = tensor(name)
+    const data = source.vector(name)
     if (data.length !== expected) throw new RangeError(`cannot slice ${name}: ${data.length} values, expected ${expected}`)
     return data
   }
+  const lin = (suffix: string, rows: number, cols: number): LinearWeight => {
+    const name = `blk.${layer}.${suffix}`
+    const w = source.linear(name)
+    if (w.rows !== rows || w.cols !== cols) throw new RangeError(`cannot slice ${name}: ${w.rows}×${w.cols}, expected ${rows}×${cols}`)
+    return w
+  }
   let attention: AttentionShardWeights | null = null
   if (shard.kvHeads.count > 0) {
-    const { heads, kvHeads } = shard
+    const q = { start: shard.heads.start * headDim, count: shard.heads.count * headDim }
+    const kv = { start: shard.kvHeads.start * headDim, count: shard.kvHeads.count * headDim }
     attention = {
-      attn_norm: t('attn_norm.weight', dim),
-      wq: sliceRows(t('attn_q.weight', nHeads * headDim * dim), dim, heads.start * headDim, heads.count * headDim),
-      wk: sliceRows(t('attn_k.weight', nKvHeads * headDim * dim), dim, kvHeads.start * headDim, kvHeads.count * headDim),
-      wv: sliceRows(t('attn_v.weight', nKvHeads * headDim * dim), dim, kvHeads.start * headDim, kvHeads.count * headDim),
-      wo: sliceColumns(t('attn_output.weight', dim * nHeads * headDim), nHeads * headDim, heads.start * headDim, heads.count * headDim),
+      attn_norm: vec('attn_norm.weight', dim),
+      wq: linearRows(lin('attn_q.weight', nHeads * headDim, dim), q.start, q.count),
+      wk: linearRows(lin('attn_k.weight', nKvHeads * headDim, dim), kv.start, kv.count),
+      wv: linearRows(lin('attn_v.weight', nKvHeads * headDim, dim), kv.start, kv.count),
+      wo: linearColumns(lin('attn_output.weight', dim, nHeads * headDim), q.start, q.count),
+      bias: model.qkvBias
+        ? {
+            bq: vec('attn_q.bias', nHeads * headDim).subarray(q.start, q.start + q.count),
+            bk: vec('attn_k.bias', nKvHeads * headDim).subarray(kv.start, kv.start + kv.count),
+            bv: vec('attn_v.bias', nKvHeads * headDim).subarray(kv.start, kv.start + kv.count),
+          }
+        : null,
     }
   }
   let ffn: FfnShardWeights | null = null
   if (shard.ffnColumns.count > 0) {
     const { start, count } = shard.ffnColumns
     ffn = {
-      ffn_norm: t('ffn_norm.weight', dim),
-      w1: sliceRows(t('ffn_gate.weight', hiddenDim * dim), dim, start, count),
-      w3: sliceRows(t('ffn_up.weight', hiddenDim * dim), dim, start, count),
-      w2: sliceColumns(t('ffn_down.weight', dim * hiddenDim), hiddenDim, start, count),
+      ffn_norm: vec('ffn_norm.weight', dim),
+      w1: linearRows(lin('ffn_gate.weight', hiddenDim, dim), start, count),
+      w3: linearRows(lin('ffn_up.weight', hiddenDim, dim), start, count),
+      w2: linearColumns(lin('ffn_down.weight', dim, hiddenDim), start, count),
     }
   }
   return { attention, ffn }

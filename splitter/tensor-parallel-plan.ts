@@ -30,6 +30,7 @@ export interface PlanModelShape {
   readonly ropeTheta: number
   readonly ropeStyle: 'adjacent' | 'halves'
   readonly maxSeqLen: number
+  readonly qkvBias: boolean
 }
 
 /**
@@ -57,8 +58,13 @@ export interface TensorParallelOptions {
    * Must be finite and > 0, one per peer.
    */
   readonly weights?: readonly number[]
-  /** FFN share granularity in columns; must divide hiddenDim. Default 1. */
+  /** FFN share granularity in columns; must divide hiddenDim. Default 1 (32 when W2 is block-quantized). */
   readonly ffnBlock?: number
+  /**
+   * Column granularity of the attention output projection's input: every peer's head range times headDim must be a
+   * multiple of it. Default 1 (32 when Wo is block-quantized).
+   */
+  readonly attentionBlock?: number
 }
 
 /**
@@ -128,6 +134,17 @@ export function planTensorParallel(config: LlamaConfig, nPeers: number, options:
     heads: { start: k.start * group, count: k.count * group },
     ffnColumns: ffn[index]!,
   }))
+  const attentionBlock = options.attentionBlock ?? 1
+  for (const s of shards) {
+    const start = s.heads.start * config.headDim
+    const count = s.heads.count * config.headDim
+    if (start % attentionBlock !== 0 || count % attentionBlock !== 0) {
+      throw new RangeError(
+        `cannot give peer ${s.index} query heads ${s.heads.start}..${s.heads.start + s.heads.count} (columns ${start}..${start + count} ` +
+          `of the output projection): not on a ${attentionBlock}-column quantization block boundary`,
+      )
+    }
+  }
   return {
     kind: 'tensor-parallel',
     version: 1,
@@ -142,6 +159,7 @@ export function planTensorParallel(config: LlamaConfig, nPeers: number, options:
       ropeTheta: config.ropeTheta,
       ropeStyle: config.ropeStyle,
       maxSeqLen: config.maxSeqLen,
+      qkvBias: config.qkvBias ?? false,
     },
     ffnBlock,
     shards,

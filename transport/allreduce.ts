@@ -5,14 +5,19 @@
  * Star allreduce as in TPI-LLM (Li et al. 2024, §3.3 / its code): the master is the hub; each worker sends its partial
  * sum, the master adds its own partial and the workers' partials and sends the sum back — two hops, latency-bound.
  * Wire: worker → hub `{ type: 'ar', tag }` + partial bytes ([n] f32, empty body = no contribution);
- * hub → worker `{ type: 'ar', tag }` + sum bytes ([n] f32).
+ * hub → worker `{ type: 'ar', tag }` + sum bytes ([n] f32). With `wireDtype: 'f16'` the header carries
+ * `dtype: 'f16'` and the body is [n] IEEE binary16 (see `f16.ts`: round to nearest even, saturating at ±65504); a
+ * receiver decodes whichever dtype a frame declares, so the option is per sender.
  *
  * Determinism: sums are IEEE f32 additions in a fixed order — the hub's own partial first, then members in index
  * order (in-process: member 0, 1, …). Float32Array element updates compute in f64 and round to f32, which equals
- * the correctly rounded f32 sum (53 ≥ 2·24 + 2 bits).
+ * the correctly rounded f32 sum (53 ≥ 2·24 + 2 bits). With f16 on the wire the members' partials are rounded to f16
+ * before the f32 summation and the sum is rounded to f16 once, for every peer including the hub, so all peers still
+ * hold bitwise identical sums.
  */
 import { logger } from '@libp2p/logger'
 import { AllreduceError, FrameError, PeerGoneError } from './errors.ts'
+import { addF16Into, decodeF16, encodeF16, roundToF16InPlace } from './f16.ts'
 import type { Frame, FrameHeader } from './frame.ts'
 import { f32Body } from './frame.ts'
 
@@ -20,6 +25,28 @@ const log = logger('edgeshard:transport')
 
 /** Header type of allreduce frames, both directions. */
 export const ALLREDUCE_FRAME_TYPE = 'ar'
+
+/**
+ * Element type of tensors on the wire: `'f32'` (exact, the default) or `'f16'` (half the bytes; each partial and the
+ * sum are rounded to binary16 — relative error ≤ 2^-11 per rounding — and summed in f32).
+ */
+export type WireDtype = 'f32' | 'f16'
+
+/** Options of a `StarAllreduceHub`, `StarAllreduceMember` or `createInProcessAllreduce` group. */
+export interface StarAllreduceOptions {
+  /** Element type this side sends. Default `'f32'`. */
+  wireDtype?: WireDtype
+}
+
+function checkWireDtype(dtype: unknown): WireDtype {
+  if (dtype === undefined || dtype === 'f32') return 'f32'
+  if (dtype === 'f16') return 'f16'
+  throw new TypeError(`invalid allreduce wireDtype ${JSON.stringify(dtype)}: must be 'f32' or 'f16'`)
+}
+
+function arHeader(tag: number, dtype: WireDtype): FrameHeader {
+  return dtype === 'f16' ? { type: ALLREDUCE_FRAME_TYPE, tag, dtype } : { type: ALLREDUCE_FRAME_TYPE, tag }
+}
 
 /** Options of one allreduce call. */
 export interface AllreduceOptions {
@@ -62,9 +89,27 @@ function frameTag(frame: Frame, peer: string): number {
   return tag
 }
 
-/** Partial of an incoming 'ar' frame: null for an empty body. @throws FrameError if not a whole number of f32 */
-function framePartial(frame: Frame, peer: string): Float32Array | null {
-  if (frame.body.byteLength === 0) return null
+/** Values of one wire tensor: [n] f32, or [n] f16 bits. */
+type WireValues = Float32Array | Uint16Array
+
+/**
+ * Values of an incoming 'ar' frame by its `dtype` (absent = f32): null for an empty body, views without copy.
+ * @throws FrameError naming the peer for an unknown dtype or a body that is not a whole number of elements
+ */
+function frameValues(frame: Frame, peer: string): WireValues | null {
+  const { body } = frame
+  if (body.byteLength === 0) return null
+  const dtype = frame.header.dtype
+  if (dtype === 'f16') {
+    if (body.byteLength % 2 !== 0) {
+      throw new FrameError(`allreduce frame from peer ${peer} has a ${body.byteLength}-byte f16 body: not a multiple of 2`)
+    }
+    const bytes = body.byteOffset % 2 === 0 ? body : body.slice()
+    return new Uint16Array(bytes.buffer, bytes.byteOffset, bytes.byteLength / 2)
+  }
+  if (dtype !== undefined && dtype !== 'f32') {
+    throw new FrameError(`allreduce frame from peer ${peer} has dtype ${JSON.stringify(dtype)}: expected 'f32' or 'f16'`)
+  }
   try {
     return f32Body(frame)
   } catch (err) {
@@ -72,18 +117,21 @@ function framePartial(frame: Frame, peer: string): Float32Array | null {
   }
 }
 
-/** Sum `partials` in order ([n] f32 each, null = skip) into a new [n] f32 array. */
-function sumInOrder(partials: readonly (Float32Array | null)[], n: number): Float32Array {
+/** Sum `partials` in order ([n] f32 or f16 each, null = skip) into a new [n] f32 array, f32 additions. */
+function sumInOrder(partials: readonly (WireValues | null)[], n: number): Float32Array {
   const out = new Float32Array(n)
   let first = true
   for (const p of partials) {
     if (p === null) continue
-    if (first) {
+    if (p instanceof Uint16Array) {
+      if (first) decodeF16(p, out)
+      else addF16Into(out, p)
+    } else if (first) {
       out.set(p)
-      first = false
-      continue
+    } else {
+      for (let k = 0; k < n; k++) out[k]! += p[k]!
     }
-    for (let k = 0; k < n; k++) out[k]! += p[k]!
+    first = false
   }
   return out
 }
@@ -117,8 +165,8 @@ function waitAbortable<T>(
 }
 
 interface HubRound {
-  /** Per member: undefined = not arrived, null = no contribution, else [n] f32. */
-  readonly partials: (Float32Array | null | undefined)[]
+  /** Per member: undefined = not arrived, null = no contribution, else [n] f32 or f16. */
+  readonly partials: (WireValues | null | undefined)[]
   arrived: number
   /** Length of the first contribution seen, or -1. */
   length: number
@@ -134,17 +182,24 @@ interface HubRound {
  */
 export class StarAllreduceHub implements Allreduce {
   private readonly links: readonly AllreduceLink[]
+  private readonly wireDtype: WireDtype
   private readonly rounds = new Map<number, HubRound>()
   private failure: PeerGoneError | undefined
 
-  /** @param links - one per worker, in the fixed summation order */
-  constructor(links: readonly AllreduceLink[]) {
+  /**
+   * @param links - one per worker, in the fixed summation order
+   * @param options.wireDtype - element type of the sums sent (default f32); partials are accepted in either
+   * @throws TypeError for an unknown wireDtype
+   */
+  constructor(links: readonly AllreduceLink[], options: StarAllreduceOptions = {}) {
     this.links = [...links]
+    this.wireDtype = checkWireDtype(options.wireDtype)
   }
 
   /**
    * Wait for a partial from every member for `tag`, add them to `own` (hub first, then members in index order),
-   * send the sum to every member (one frame each, the same body bytes), and return a copy of the sum.
+   * send the sum to every member (one frame each, the same body bytes), and return the sum as the members get it
+   * (with f16 on the wire: rounded to f16), in an array of the caller's own.
    * @throws AllreduceError on mismatched lengths (naming the peer and lengths), a duplicate call for a pending tag,
    *   or no contribution at all; PeerGoneError after `fail`; a send error; `signal.reason`
    */
@@ -166,8 +221,14 @@ export class StarAllreduceHub implements Allreduce {
         round.waiter = undefined
       },
     )
+    const header = arHeader(tag, this.wireDtype)
+    if (this.wireDtype === 'f16' && this.links.length > 0) {
+      const wire = encodeF16(sum) // [n] f16, sent by reference
+      decodeF16(wire, sum) // the hub keeps exactly what the members receive
+      await Promise.all(this.links.map((link) => link.send(header, wire)))
+      return sum
+    }
     // members get `sum` by reference; the caller gets its own copy, so modifying it cannot corrupt unsent bytes
-    const header = { type: ALLREDUCE_FRAME_TYPE, tag }
     await Promise.all(this.links.map((link) => link.send(header, sum)))
     return sum.slice()
   }
@@ -183,7 +244,7 @@ export class StarAllreduceHub implements Allreduce {
       throw new RangeError(`allreduce member index ${memberIndex} is outside [0, ${this.links.length})`)
     }
     const tag = frameTag(frame, link.peer)
-    const partial = framePartial(frame, link.peer)
+    const partial = frameValues(frame, link.peer)
     if (this.failure !== undefined) return
     const round = this.round(tag)
     if (round.partials[memberIndex] !== undefined) {
@@ -263,7 +324,7 @@ export class StarAllreduceHub implements Allreduce {
     if (round.arrived < this.links.length) return
     this.rounds.delete(tag)
     round.waiter = undefined
-    const ordered: (Float32Array | null)[] = [waiter.own, ...round.partials.map((p) => p ?? null)]
+    const ordered: (WireValues | null)[] = [waiter.own, ...round.partials.map((p) => p ?? null)]
     const n = waiter.own?.length ?? round.length
     if (n < 0) {
       waiter.reject(new AllreduceError(`allreduce tag ${tag}: no member contributed a partial, length unknown`))
@@ -279,18 +340,26 @@ export class StarAllreduceHub implements Allreduce {
  */
 export class StarAllreduceMember implements Allreduce {
   private readonly link: AllreduceLink
+  private readonly wireDtype: WireDtype
   private readonly pending = new Map<
     number,
     { length: number; resolve: (sum: Float32Array) => void; reject: (err: unknown) => void }
   >()
   private failure: PeerGoneError | undefined
 
-  constructor(hub: AllreduceLink) {
+  /**
+   * @param hub - the link to the hub
+   * @param options.wireDtype - element type of the partials sent (default f32); sums are accepted in either
+   * @throws TypeError for an unknown wireDtype
+   */
+  constructor(hub: AllreduceLink, options: StarAllreduceOptions = {}) {
     this.link = hub
+    this.wireDtype = checkWireDtype(options.wireDtype)
   }
 
   /**
-   * Send `partial` (empty body for null) to the hub with `tag` and wait for the sum with that tag.
+   * Send `partial` (empty body for null; with f16 on the wire, its f16 rounding) to the hub with `tag` and wait for
+   * the sum with that tag.
    * @throws AllreduceError (tag already pending, sum length differs from the partial's), PeerGoneError after `fail`
    *   or when the send fails because the hub went away, `signal.reason`
    */
@@ -309,7 +378,8 @@ export class StarAllreduceMember implements Allreduce {
     )
     sum.catch(() => {}) // observed below; avoids an unhandled rejection if the send fails first
     try {
-      await this.link.send({ type: ALLREDUCE_FRAME_TYPE, tag }, partial)
+      const body = partial !== null && this.wireDtype === 'f16' ? encodeF16(partial) : partial
+      await this.link.send(arHeader(tag, this.wireDtype), body)
     } catch (err) {
       this.pending.delete(tag)
       throw err
@@ -323,7 +393,8 @@ export class StarAllreduceMember implements Allreduce {
    */
   deliver(frame: Frame): void {
     const tag = frameTag(frame, this.link.peer)
-    const sum = framePartial(frame, this.link.peer) ?? new Float32Array(0)
+    const values = frameValues(frame, this.link.peer) ?? new Float32Array(0)
+    const sum = values instanceof Uint16Array ? decodeF16(values) : values
     const waiter = this.pending.get(tag)
     if (waiter === undefined) {
       log('dropping allreduce sum for tag %d from %s: nobody waits for it', tag, this.link.peer)
@@ -362,10 +433,13 @@ interface LocalRound {
 /**
  * `n` allreduce members in one process, no network, same semantics and summation order as the star (member 0 plays
  * the hub). Each member receives its own copy of the sum. An aborted call withdraws that member's partial.
- * @throws RangeError if `n` is not a positive integer
+ * `wireDtype: 'f16'` reproduces the star's f16 wire numerics exactly: members 1… have their partials rounded to f16,
+ * the f32 sum is rounded to f16 for everyone.
+ * @throws RangeError if `n` is not a positive integer; TypeError for an unknown wireDtype
  */
-export function createInProcessAllreduce(n: number): Allreduce[] {
+export function createInProcessAllreduce(n: number, options: StarAllreduceOptions = {}): Allreduce[] {
   if (!Number.isInteger(n) || n < 1) throw new RangeError(`cannot create an allreduce group of ${n} members`)
+  const wireDtype = checkWireDtype(options.wireDtype)
   const rounds = new Map<number, LocalRound>()
 
   const complete = (tag: number, round: LocalRound): void => {
@@ -392,9 +466,15 @@ export function createInProcessAllreduce(n: number): Allreduce[] {
       return
     }
     const sum = sumInOrder(
-      round.partials.map((p) => p ?? null),
+      round.partials.map((p, i): Float32Array | null => {
+        if (p == null || wireDtype === 'f32' || i === 0) return p ?? null
+        const rounded = p.slice()
+        roundToF16InPlace(rounded)
+        return rounded
+      }),
       length,
     )
+    if (wireDtype === 'f16' && n > 1) roundToF16InPlace(sum)
     round.waiters.forEach((w, i) => {
       w?.resolve(i === 0 ? sum : sum.slice())
     })

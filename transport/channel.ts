@@ -93,7 +93,7 @@ export class FramedChannel implements AsyncIterable<Frame> {
 
   private readonly stream: ChannelStream
   private readonly decoder: FrameDecoder
-  private readonly maxFrameBytes: number | undefined
+  private readonly encodeOptions: FrameOptions
   private readonly maxQueuedBytes: number
   private readonly queue: Frame[] = []
   private queueHead = 0
@@ -117,7 +117,10 @@ export class FramedChannel implements AsyncIterable<Frame> {
     this.stream = stream
     this.remotePeer = remote.remotePeer.toString()
     this.remoteAddr = remote.remoteAddr.toString()
-    this.maxFrameBytes = options.maxFrameBytes
+    this.encodeOptions = {
+      ...(options.maxFrameBytes === undefined ? {} : { maxFrameBytes: options.maxFrameBytes }),
+      ...(options.frameStartOffset === undefined ? {} : { frameStartOffset: options.frameStartOffset }),
+    }
     this.decoder = new FrameDecoder(options.maxFrameBytes === undefined ? {} : { maxFrameBytes: options.maxFrameBytes })
     this.maxQueuedBytes = options.maxQueuedBytes ?? DEFAULT_MAX_QUEUED_BYTES
     this.closed = new Promise<void>((resolve, reject) => {
@@ -148,7 +151,7 @@ export class FramedChannel implements AsyncIterable<Frame> {
     if (typeof header?.type === 'string' && header.type.startsWith('$')) {
       throw new TypeError(`cannot send frame of type '${header.type}': types starting with '$' are reserved`)
     }
-    const parts = encodeFrame(header, body, this.maxFrameBytes === undefined ? {} : { maxFrameBytes: this.maxFrameBytes })
+    const parts = encodeFrame(header, body, this.encodeOptions)
     await this.write(parts, options.signal, false)
   }
 

@@ -71,3 +71,16 @@ export class NotStartedError extends Error {
     this.name = 'NotStartedError'
   }
 }
+
+/**
+ * A bottleneck payload (`bottleneck-codec.ts`) is corrupt or not one: bad magic or version, checksum mismatch, body
+ * that does not decompress, unknown element type or quantization, lengths that do not add up.
+ */
+export class CodecError extends Error {
+  static override name = 'CodecError'
+
+  constructor(message: string, options?: ErrorOptions) {
+    super(message, options)
+    this.name = 'CodecError'
+  }
+}

@@ -3,14 +3,17 @@
  *
  * Layout of one frame (all integers little-endian):
  *
- * | bytes            | field                                                          |
- * |------------------|----------------------------------------------------------------|
- * | 0..4             | u32 header length H (1 ≤ H ≤ 64 KiB)                           |
- * | 4..8             | u32 body length B                                              |
- * | 8..8+H           | msgpack of a plain object with at least `type: string`         |
- * | 8+H..8+H+B       | body: raw bytes (tensors are little-endian f32, row-major)     |
+ * | bytes            | field                                                                     |
+ * |------------------|---------------------------------------------------------------------------|
+ * | 0..4             | u32: bits 0–23 header length H (1 ≤ H ≤ 64 KiB), bits 24–31 padding P ≤ 7 |
+ * | 4..8             | u32 body length B                                                         |
+ * | 8..8+H           | msgpack of a plain object with at least `type: string`                    |
+ * | 8+H..8+H+P       | P zero bytes, so that the body lands 8-byte aligned in the receiver's buffer |
+ * | 8+H+P..8+H+P+B   | body: raw bytes (tensors are little-endian f32, row-major)                |
  *
- * The whole frame, 8 + H + B bytes, is capped by `maxFrameBytes` (default 256 MiB).
+ * The whole frame, 8 + H + P + B bytes, is capped by `maxFrameBytes` (default 256 MiB). The sender picks P from
+ * where the frame will start in the receiver's buffer (`frameStartOffset`); a receiver only skips P bytes, so any P
+ * decodes correctly and a wrong guess costs one copy of the body, nothing else.
  * Why not msgpack the tensor too: msgpackr packs a Float32Array by copying and unpacks it at an arbitrary byte offset
  * (see shared/NOTES.md, "msgpackr"); a separate raw body is sent by reference and decoded without a copy when aligned.
  */
@@ -41,9 +44,18 @@ export interface Frame {
 
 /** Options shared by `encodeFrame` and `FrameDecoder`. */
 export interface FrameOptions {
-  /** Cap on one whole frame, prefix + header + body, bytes. Default `DEFAULT_MAX_FRAME_BYTES` (256 MiB). */
+  /** Cap on one whole frame, prefix + header + padding + body, bytes. Default `DEFAULT_MAX_FRAME_BYTES` (256 MiB). */
   maxFrameBytes?: number
+  /**
+   * (encodeFrame only) Byte offset, modulo 8, at which the frame's first byte will sit in the receiver's buffer; the
+   * padding P is chosen so that the body then starts at a multiple of 8 and is decoded without a copy. Default 0.
+   * Over libp2p noise + yamux a frame sent alone follows yamux's 12-byte data-frame header in the decrypted message.
+   */
+  frameStartOffset?: number
 }
+
+/** Most padding bytes between header and body. */
+const MAX_PADDING_BYTES = BODY_ALIGNMENT_BYTES - 1
 
 // useRecords: false keeps the encoding self-describing (no shared record structures between peers);
 // mapsAsObjects: true decodes maps to plain objects, which the header check below requires.
@@ -93,18 +105,32 @@ export function encodeFrame(
   }
   const bodyBytes = body == null ? null : bytesOf(body)
   const bodyLength = bodyBytes?.byteLength ?? 0
-  const frameBytes = FRAME_PREFIX_BYTES + headerBytes.byteLength + bodyLength
+  const startOffset = options.frameStartOffset ?? 0
+  if (!Number.isSafeInteger(startOffset) || startOffset < 0) {
+    throw new RangeError(`invalid frameStartOffset ${startOffset}: must be a non-negative integer`)
+  }
+  const unaligned = (startOffset + FRAME_PREFIX_BYTES + headerBytes.byteLength) % BODY_ALIGNMENT_BYTES
+  const padding = bodyLength === 0 || unaligned === 0 ? 0 : BODY_ALIGNMENT_BYTES - unaligned
+  const frameBytes = FRAME_PREFIX_BYTES + headerBytes.byteLength + padding + bodyLength
   if (frameBytes > maxFrameBytes) {
     throw new FrameError(
       `cannot encode frame of type '${header.type}': ${frameBytes} bytes exceed maxFrameBytes ${maxFrameBytes}`,
     )
   }
-  const head = new Uint8Array(FRAME_PREFIX_BYTES + headerBytes.byteLength)
-  const view = new DataView(head.buffer)
-  view.setUint32(0, headerBytes.byteLength, true)
-  view.setUint32(4, bodyLength, true)
+  // byte stores, not a DataView: `head` is small enough to live on V8's heap, and reading its `.buffer` would move it
+  // to a fresh off-heap ArrayBuffer on every frame
+  const head = new Uint8Array(FRAME_PREFIX_BYTES + headerBytes.byteLength + padding) // padding stays zero
+  writeU32LE(head, 0, headerBytes.byteLength | (padding << 24))
+  writeU32LE(head, 4, bodyLength)
   head.set(headerBytes, FRAME_PREFIX_BYTES)
   return bodyBytes === null || bodyLength === 0 ? [head] : [head, bodyBytes]
+}
+
+function writeU32LE(target: Uint8Array, offset: number, value: number): void {
+  target[offset] = value & 0xff
+  target[offset + 1] = (value >>> 8) & 0xff
+  target[offset + 2] = (value >>> 16) & 0xff
+  target[offset + 3] = (value >>> 24) & 0xff
 }
 
 /**
@@ -130,9 +156,11 @@ export class FrameDecoder {
   private buffered = 0
   /** Lengths of the frame whose prefix has been read and validated, or -1 while waiting for a prefix. */
   private headerLength = -1
+  private paddingLength = 0
   private bodyLength = 0
   private failure: FrameError | undefined
   private readonly prefix = new Uint8Array(FRAME_PREFIX_BYTES)
+  private readonly padding = new Uint8Array(MAX_PADDING_BYTES)
   private readonly prefixView = new DataView(this.prefix.buffer)
 
   constructor(options: FrameOptions = {}) {
@@ -190,22 +218,30 @@ export class FrameDecoder {
     if (this.headerLength < 0) {
       if (this.buffered < FRAME_PREFIX_BYTES) return undefined
       this.copyOut(this.prefix, FRAME_PREFIX_BYTES)
-      const headerLength = this.prefixView.getUint32(0, true)
+      const lengths = this.prefixView.getUint32(0, true)
+      const headerLength = lengths & 0xffffff
+      const paddingLength = lengths >>> 24
       const bodyLength = this.prefixView.getUint32(4, true)
       if (headerLength === 0 || headerLength > MAX_HEADER_BYTES) {
         throw new FrameError(`frame header length ${headerLength} is outside [1, ${MAX_HEADER_BYTES}] bytes`)
       }
-      const frameBytes = FRAME_PREFIX_BYTES + headerLength + bodyLength
+      if (paddingLength > MAX_PADDING_BYTES) {
+        throw new FrameError(`frame padding of ${paddingLength} bytes exceeds ${MAX_PADDING_BYTES}`)
+      }
+      const frameBytes = FRAME_PREFIX_BYTES + headerLength + paddingLength + bodyLength
       if (frameBytes > this.maxFrameBytes) {
         throw new FrameError(`frame of ${frameBytes} bytes (body ${bodyLength}) exceeds maxFrameBytes ${this.maxFrameBytes}`)
       }
       this.headerLength = headerLength
+      this.paddingLength = paddingLength
       this.bodyLength = bodyLength
     }
-    if (this.buffered < this.headerLength + this.bodyLength) return undefined
+    if (this.buffered < this.headerLength + this.paddingLength + this.bodyLength) return undefined
     const header = decodeHeader(this.take(this.headerLength, false))
+    if (this.paddingLength > 0) this.copyOut(this.padding, this.paddingLength) // skipped
     const body = this.take(this.bodyLength, true)
     this.headerLength = -1
+    this.paddingLength = 0
     this.bodyLength = 0
     return { header, body }
   }

@@ -2,7 +2,7 @@
  * Public surface of edgeshard's transport: wire frames, framed libp2p channels, the transport node, and allreduce.
  * Other folders import only this file.
  */
-export type { Allreduce, AllreduceLink, AllreduceOptions } from './allreduce.ts'
+export type { Allreduce, AllreduceLink, AllreduceOptions, StarAllreduceOptions, WireDtype } from './allreduce.ts'
 export {
   ALLREDUCE_FRAME_TYPE,
   createInProcessAllreduce,
@@ -29,6 +29,26 @@ export {
   FrameDecoder,
   MAX_HEADER_BYTES,
 } from './frame.ts'
-export type { ChannelHandler, TransportNodeOptions } from './node.ts'
+export type { ChannelHandler, DiscoveredPeer, DiscoveryOptions, TransportNodeOptions } from './node.ts'
 export { DEFAULT_DIAL_TIMEOUT_MS, TransportNode } from './node.ts'
-export { TENSOR_PARALLEL_PROTOCOL } from './protocols.ts'
+export { INFO_PROTOCOL, MDNS_SERVICE_TAG, TENSOR_PARALLEL_PROTOCOL } from './protocols.ts'
+export { SPLIT_PROTOCOL } from './protocols.ts'
+export {
+  type BottleneckCodec,
+  CODEC_COMPRESSIONS,
+  CODEC_QUANTIZATIONS,
+  type CodecCompression,
+  type CodecElementType,
+  codecName,
+  type CodecQuantization,
+  type CodecTensor,
+  type DecodedTensor,
+  type DecodeOptions,
+  decodeBottleneck,
+  encodeBottleneck,
+  f16BitsToF32,
+  f32ToF16Bits,
+  parseCodec,
+} from './bottleneck-codec.ts'
+export { CodecError } from './errors.ts'
+export { type FrameLink, type LinkEmulation, parseLinkEmulation, ShapedChannel } from './link-shaper.ts'

@@ -1,26 +1,41 @@
 /**
  * A minimal libp2p 3 node for edgeshard: TCP (TCP_NODELAY), Noise encryption, Yamux multiplexing (keepalive on), and
- * nothing else — no identify, ping, connection monitor, discovery or DHT. Dialling a protocol needs none of them:
- * `connection.newStream` negotiates the protocol with multistream-select over the Yamux stream.
+ * optionally mDNS discovery on the LAN (`mdns`); no identify, ping, connection monitor or DHT. Dialling a protocol needs
+ * none of them: `connection.newStream` negotiates the protocol with multistream-select over the Yamux stream.
  *
  * Liveness: Yamux keepalive (every 30 s) keeps idle sockets open (@libp2p/tcp closes sockets idle for 2 minutes) but
  * does not detect a silently dead peer; callers bound waits with `signal` (e.g. `AbortSignal.timeout`).
+ *
+ * Data path (issue 6, measured in bench/allreduce.ts): noise always encrypts, with OpenSSL's ChaCha20-Poly1305 and
+ * X25519 (`noise-crypto.ts`, interoperable with any libp2p noise peer); each libp2p send is one socket write and
+ * noise's decoder builds no Error per message (`connection-tuning.ts`); yamux grants receive window per half window
+ * instead of per frame (`yamux-window.ts`); frames are padded so tensor bodies arrive 8-byte aligned (no copy).
  */
 import { noise } from '@chainsafe/libp2p-noise'
 import { yamux } from '@chainsafe/libp2p-yamux'
 import type { Connection, Libp2p, PrivateKey, Stream } from '@libp2p/interface'
 import { logger } from '@libp2p/logger'
+import { mdns } from '@libp2p/mdns'
 import { tcp } from '@libp2p/tcp'
 import { multiaddr } from '@multiformats/multiaddr'
 import { createLibp2p } from 'libp2p'
 import type { FramedChannelOptions } from './channel.ts'
 import { FramedChannel } from './channel.ts'
+import { withConnectionTuning } from './connection-tuning.ts'
 import { ChannelClosedError, DialError, NotStartedError } from './errors.ts'
+import { nodeNoiseCrypto } from './noise-crypto.ts'
+import { batchWindowUpdates } from './yamux-window.ts'
+import { MDNS_SERVICE_TAG } from './protocols.ts'
 
 const log = logger('edgeshard:transport')
 
 /** Default bound on `dial` when no signal is given, ms. */
 export const DEFAULT_DIAL_TIMEOUT_MS = 10_000
+/**
+ * Bytes of yamux's data-frame header, which precedes a frame sent alone in the message the receiver decrypts; frames
+ * are padded so that their bodies land 8-byte aligned after it (see `FrameOptions.frameStartOffset`).
+ */
+const YAMUX_HEADER_BYTES = 12
 /** How long `stop()` waits for libp2p to close its connections gracefully. */
 const STOP_TIMEOUT_MS = 1_000
 
@@ -32,6 +47,26 @@ export interface TransportNodeOptions extends FramedChannelOptions {
   privateKey?: PrivateKey
   /** Bound on every `dial`, ms, applied together with the caller's signal. Default 10 000. */
   dialTimeoutMs?: number
+  /** Take part in mDNS discovery on the LAN (multicast 224.0.0.251:5353 on every interface). Default: off. */
+  mdns?: DiscoveryOptions
+  /** Called each time mDNS reports a peer (repeats as the peer answers later queries). */
+  onPeerDiscovered?: (peer: DiscoveredPeer) => void
+}
+
+/** mDNS discovery settings (RFC 6762 multicast DNS, as libp2p's mDNS spec uses it). */
+export interface DiscoveryOptions {
+  /** Answer queries with this node's listen addresses, i.e. be found (private and loopback ones only). Default true. */
+  announce?: boolean
+  /** How often this node asks the LAN, ms (it also asks once at start). Default 10 000. */
+  queryIntervalMs?: number
+  /** Service name asked for and answered. Default `MDNS_SERVICE_TAG` (edgeshard agents only). */
+  serviceTag?: string
+}
+
+/** A peer found on the LAN: its id and full multiaddrs (with `/p2p/<peer id>`), as it announced them. */
+export interface DiscoveredPeer {
+  readonly peer: string
+  readonly addresses: readonly string[]
 }
 
 interface AbortableOptions {
@@ -52,23 +87,36 @@ export type ChannelHandler = (channel: FramedChannel) => void | Promise<void>
  */
 export class TransportNode {
   private readonly options: TransportNodeOptions
+  private readonly channelOptions: FramedChannelOptions
   private libp2p: Libp2p | undefined
   private readonly channels = new Set<FramedChannel>()
 
   constructor(options: TransportNodeOptions = {}) {
     this.options = options
+    this.channelOptions = { frameStartOffset: YAMUX_HEADER_BYTES, ...options }
   }
 
   /** Start listening. Idempotent. @throws whatever libp2p throws for a bad or busy listen address */
   async start(_options: AbortableOptions = {}): Promise<void> {
     if (this.libp2p !== undefined) return
     const socketOptions = { noDelay: true, keepAlive: true }
+    const discovery = this.options.mdns
     this.libp2p = await createLibp2p({
       ...(this.options.privateKey === undefined ? {} : { privateKey: this.options.privateKey }),
       addresses: { listen: [...(this.options.listen ?? [])] },
       transports: [tcp({ dialOpts: socketOptions, listenOpts: socketOptions })],
-      connectionEncrypters: [noise()],
+      connectionEncrypters: [withConnectionTuning(noise({ crypto: nodeNoiseCrypto }))],
       streamMuxers: [yamux({ enableKeepAlive: true })],
+      peerDiscovery:
+        discovery === undefined
+          ? []
+          : [
+              mdns({
+                broadcast: discovery.announce ?? true,
+                interval: discovery.queryIntervalMs ?? 10_000,
+                serviceTag: discovery.serviceTag ?? MDNS_SERVICE_TAG,
+              }),
+            ],
       // the connection monitor opens a ping stream per connection every 10 s; Yamux keepalive suffices here
       connectionMonitor: { enabled: false },
       connectionManager: {
@@ -77,6 +125,18 @@ export class TransportNode {
         maxIncomingPendingConnections: 100,
       },
     })
+    const onPeerDiscovered = this.options.onPeerDiscovered
+    if (onPeerDiscovered !== undefined) {
+      this.libp2p.addEventListener('peer:discovery', (evt) => {
+        const peer = evt.detail.id.toString()
+        const addresses = evt.detail.multiaddrs.map((ma) => {
+          const text = ma.toString()
+          return text.includes('/p2p/') ? text : `${text}/p2p/${peer}`
+        })
+        log('discovered %s at %s', peer, addresses.join(', '))
+        onPeerDiscovered({ peer, addresses })
+      })
+    }
     log('node %s started, listening on %s', this.peerId, this.multiaddrs().join(', '))
   }
 
@@ -124,7 +184,8 @@ export class TransportNode {
     await this.started().handle(
       protocol,
       (stream: Stream, connection: Connection) => {
-        const channel = this.track(new FramedChannel(stream, connection, this.options))
+        batchWindowUpdates(stream)
+        const channel = this.track(new FramedChannel(stream, connection, this.channelOptions))
         Promise.resolve()
           .then(() => handler(channel))
           .catch((err: unknown) => {
@@ -163,7 +224,8 @@ export class TransportNode {
       signal.throwIfAborted()
       const connection = await node.dial(ma, { signal })
       const stream = await connection.newStream(protocol, { signal })
-      return this.track(new FramedChannel(stream, connection, this.options))
+      batchWindowUpdates(stream)
+      return this.track(new FramedChannel(stream, connection, this.channelOptions))
     } catch (err) {
       const reason = signal.aborted
         ? `aborted (${describeReason(signal.reason)})`

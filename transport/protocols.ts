@@ -5,3 +5,15 @@
 
 /** Tensor-parallel traffic between the master and its workers: frames of `frame.ts` (allreduce, broadcasts). */
 export const TENSOR_PARALLEL_PROTOCOL = '/edgeshard/tp/1.0.0'
+
+/**
+ * Agent status: the dialler sends `{ type: 'info' }` frames, the agent answers each with `{ type: 'info', profile }`
+ * (its device profile, see agent/peer-info.ts), so the dialler can also time round trips.
+ */
+export const INFO_PROTOCOL = '/edgeshard/info/1.0.0'
+
+/** mDNS service name edgeshard agents answer (not libp2p's default `_p2p._udp.local`: only edgeshard agents reply). */
+export const MDNS_SERVICE_TAG = '_edgeshard._udp.local'
+
+/** Split computing: a head peer sends encoded bottleneck tensors, the tail peer replies with the outputs (agent/split). */
+export const SPLIT_PROTOCOL = '/edgeshard/split/1.0.0'

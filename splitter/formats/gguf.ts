@@ -4,6 +4,9 @@
  */
 import { ModelFormatError } from '../errors.ts'
 import type { DType, LlamaConfig, ModelDescription, TensorRef, Vocabulary } from '../model.ts'
+import { checkTensorShapes } from './canonical-tensors.ts'
+import { QK, tensorBytes } from '../quant/ggml-blocks.ts'
+import { ggufBpeTokenizerJson } from './gguf-bpe-tokenizer.ts'
 import { readFully, withModelFile } from './model-file.ts'
 
 /** A GGUF array value: numeric arrays as typed arrays (64-bit integers as BigInt arrays), others as JS arrays. */
@@ -97,11 +100,15 @@ export function ggmlTypeName(ggmlType: number): string {
   return GGML_TYPE_NAMES[ggmlType] ?? 'unknown'
 }
 
-/** Supported tensor element types: ggml id → dtype and bytes per element. */
-const SUPPORTED: ReadonlyMap<number, { dtype: DType; elementBytes: number }> = new Map([
-  [0, { dtype: 'f32', elementBytes: 4 }],
-  [1, { dtype: 'f16', elementBytes: 2 }],
+/** Supported tensor element types: ggml id → dtype (sizes from `tensorBytes`: blocks of 32 for the Q types). */
+const SUPPORTED: ReadonlyMap<number, DType> = new Map([
+  [0, 'f32'],
+  [1, 'f16'],
+  [30, 'bf16'],
+  [8, 'q8_0'],
+  [2, 'q4_0'],
 ])
+const SUPPORTED_NAMES = 'F32, F16, BF16, Q8_0, Q4_0'
 
 const GGUF_MAGIC = 0x46554747 // 'GGUF' read as little-endian uint32
 const DEFAULT_ALIGNMENT = 32
@@ -400,20 +407,25 @@ export function readGgufMetadata(path: string): GgufHeader {
 }
 
 /**
- * Describes a GGUF v2/v3 model of architecture `llama` with F32/F16 tensors, without reading tensor data.
- * Tensor dims are reversed into `shape` (outermost first); offsets are absolute. A missing `output.weight` means tied
- * embeddings: it then points at `token_embd.weight`. Every canonical tensor must be present with the shape the config
- * implies.
- * Config keys: `llama.embedding_length`, `.feed_forward_length`, `.block_count`, `.attention.head_count`,
- * `.attention.head_count_kv` (default head_count), `.context_length`, `.attention.layer_norm_rms_epsilon`,
- * `.rope.freq_base` (default 10000), `.attention.key_length` / `.rope.dimension_count` (head size, default
- * dim / heads); vocabSize = length of `tokenizer.ggml.tokens` (else rows of `token_embd.weight`); ropeStyle
- * 'adjacent' (GGUF `llama` stores Q/K un-permuted for pairwise RoPE).
- * Vocabulary from `tokenizer.ggml.{model,tokens,scores,bos_token_id,eos_token_id}` (model must be `llama`, i.e.
- * sentencepiece; pieces are kept verbatim, spaces as U+2581 '▁').
+ * Describes a GGUF v2/v3 model of architecture `llama` or `qwen2`, without reading tensor data.
+ * Tensor types: F32, F16, BF16, Q8_0 and Q4_0 (byte sizes from the ggml block sizes, 32 weights per Q block along the
+ * innermost dimension, which must be a multiple of 32). Tensor dims are reversed into `shape` (outermost first);
+ * offsets are absolute. A missing `output.weight` means tied embeddings: it then points at `token_embd.weight`. Every
+ * canonical tensor must be present with the shape the config implies.
+ * Config keys (`<arch>` = `llama` or `qwen2`): `<arch>.embedding_length`, `.feed_forward_length`, `.block_count`,
+ * `.attention.head_count`, `.attention.head_count_kv` (default head_count), `.context_length`,
+ * `.attention.layer_norm_rms_epsilon`, `.rope.freq_base` (default 10000), `.attention.key_length` /
+ * `.rope.dimension_count` (head size, default dim / heads); vocabSize = length of `tokenizer.ggml.tokens` (else rows
+ * of `token_embd.weight`). `llama`: ropeStyle 'adjacent' (GGUF `llama` stores Q/K un-permuted for pairwise RoPE).
+ * `qwen2`: ropeStyle 'halves' (NEOX), qkvBias, tensors `blk.N.attn_{q,k,v}.bias`.
+ * Tokenizer (`tokenizer.ggml.model`): `llama` (sentencepiece) → `vocab` from `tokenizer.ggml.{tokens,scores}`,
+ * pieces kept verbatim (spaces as U+2581 '▁'); `gpt2` (byte-level BPE) → `tokenizerJson`, a Hugging Face
+ * tokenizer.json document (see `ggufBpeTokenizerJson`). `bosId` / `eosId` from `tokenizer.ggml.{bos,eos}_token_id`,
+ * `chatTemplate` from `tokenizer.chat_template`.
  * Errors: ModelFormatError naming the key or tensor: unsupported architecture, tokenizer model or ggml type
- * (e.g. `tensor blk.0.attn_q.weight has GGML type 2 (Q4_0), supported: F32, F16`), tensor bytes outside the file,
- * missing keys or tensors, shapes that disagree with the config. Source: ggml docs/gguf.md, llama.cpp llama-model.cpp.
+ * (e.g. `tensor blk.0.attn_q.weight has GGML type 12 (Q4_K), supported: F32, F16, BF16, Q8_0, Q4_0`), a Q-type tensor
+ * whose innermost dimension is not a multiple of 32, tensor bytes outside the file, missing keys or tensors, shapes
+ * that disagree with the config. Source: ggml docs/gguf.md, llama.cpp llama-model.cpp, llama-vocab.cpp.
  */
 export function readGguf(path: string): ModelDescription {
   const header = readGgufMetadata(path)
@@ -423,29 +435,36 @@ export function readGguf(path: string): ModelDescription {
   }
 
   const arch = meta.get('general.architecture')
-  if (arch !== 'llama') {
+  if (arch !== 'llama' && arch !== 'qwen2') {
     fail(
       arch === undefined
-        ? 'GGUF has no general.architecture, supported: llama'
-        : `GGUF architecture is ${JSON.stringify(arch)}, supported: llama`,
+        ? 'GGUF has no general.architecture, supported: llama, qwen2'
+        : `GGUF architecture is ${describeValue(arch)}, supported: llama, qwen2`,
     )
   }
+  const archName = arch as 'llama' | 'qwen2'
 
   const tensors = new Map<string, TensorRef>()
   for (const info of header.tensorInfos) {
-    const supported = SUPPORTED.get(info.ggmlType)
-    if (supported === undefined) {
+    const dtype = SUPPORTED.get(info.ggmlType)
+    if (dtype === undefined) {
       fail(
-        `tensor ${info.name} has GGML type ${info.ggmlType} (${ggmlTypeName(info.ggmlType)}), supported: F32, F16`,
+        `tensor ${info.name} has GGML type ${info.ggmlType} (${ggmlTypeName(info.ggmlType)}), ` +
+          `supported: ${SUPPORTED_NAMES}`,
       )
     }
-    const { dtype, elementBytes } = supported!
+    const offsetBytes = header.dataOffsetBytes + info.relOffsetBytes
     if (info.relOffsetBytes % header.alignment !== 0) {
       fail(`tensor ${info.name} has offset ${info.relOffsetBytes}, not a multiple of the alignment ${header.alignment}`)
     }
     const shape = [...info.dims].reverse()
-    const byteLength = shape.reduce((a, b) => a * b, 1) * elementBytes
-    const offsetBytes = header.dataOffsetBytes + info.relOffsetBytes
+    if ((dtype === 'q8_0' || dtype === 'q4_0') && (info.dims[0] ?? 0) % QK !== 0) {
+      fail(
+        `tensor ${info.name} at offset ${offsetBytes} is ${ggmlTypeName(info.ggmlType)} with innermost dimension ` +
+          `${info.dims[0]}, not a multiple of the block size ${QK}`,
+      )
+    }
+    const byteLength = tensorBytes(dtype!, shape)
     if (offsetBytes + byteLength > header.fileBytes) {
       fail(
         `tensor ${info.name} (${byteLength} bytes at offset ${offsetBytes}) ends at byte ${offsetBytes + byteLength}, ` +
@@ -453,18 +472,28 @@ export function readGguf(path: string): ModelDescription {
       )
     }
     if (tensors.has(info.name)) fail(`tensor ${info.name} appears twice`)
-    tensors.set(info.name, { name: info.name, dtype, shape, offsetBytes, byteLength })
+    tensors.set(info.name, { name: info.name, dtype: dtype!, shape, offsetBytes, byteLength })
   }
 
-  const vocab = readVocabulary(path, meta)
-  const config = readConfig(path, meta, vocab, tensors)
+  const tokenizer = readTokenizer(path, meta)
+  const config = readConfig(path, archName, meta, tokenizer.nTokens, tensors)
   const embd = tensors.get('token_embd.weight')
   if (!tensors.has('output.weight') && embd !== undefined) {
     tensors.set('output.weight', { ...embd, name: 'output.weight' })
   }
   checkTensorShapes(path, config, tensors)
-  const model: ModelDescription = { path, format: 'gguf', config, tensors }
-  return vocab === undefined ? model : { ...model, vocab }
+  const chatTemplate = meta.get('tokenizer.chat_template')
+  return {
+    path,
+    format: 'gguf',
+    config,
+    tensors,
+    ...(tokenizer.vocab !== undefined ? { vocab: tokenizer.vocab } : {}),
+    ...(tokenizer.json !== undefined ? { tokenizerJson: tokenizer.json } : {}),
+    ...(tokenizer.bosId !== undefined ? { bosId: tokenizer.bosId } : {}),
+    ...(tokenizer.eosId !== undefined ? { eosId: tokenizer.eosId } : {}),
+    ...(typeof chatTemplate === 'string' ? { chatTemplate } : {}),
+  }
 }
 
 /** A metadata integer (any integer type, bigint included) as a number; `fallback` when absent. */
@@ -496,17 +525,18 @@ function floatKey(path: string, meta: ReadonlyMap<string, GgufValue>, key: strin
 
 function readConfig(
   path: string,
+  arch: 'llama' | 'qwen2',
   meta: ReadonlyMap<string, GgufValue>,
-  vocab: Vocabulary | undefined,
+  nTokens: number | undefined,
   tensors: ReadonlyMap<string, TensorRef>,
 ): LlamaConfig {
-  const dim = intKey(path, meta, 'llama.embedding_length')
-  const nHeads = intKey(path, meta, 'llama.attention.head_count')
-  const nKvHeads = intKey(path, meta, 'llama.attention.head_count_kv', nHeads)
+  const dim = intKey(path, meta, `${arch}.embedding_length`)
+  const nHeads = intKey(path, meta, `${arch}.attention.head_count`)
+  const nKvHeads = intKey(path, meta, `${arch}.attention.head_count_kv`, nHeads)
   const positive: [string, number][] = [
-    ['llama.embedding_length', dim],
-    ['llama.attention.head_count', nHeads],
-    ['llama.attention.head_count_kv', nKvHeads],
+    [`${arch}.embedding_length`, dim],
+    [`${arch}.attention.head_count`, nHeads],
+    [`${arch}.attention.head_count_kv`, nKvHeads],
   ]
   for (const [key, value] of positive) {
     if (value <= 0) throw new ModelFormatError(path, `GGUF metadata ${key} is ${value}, expected > 0`)
@@ -514,46 +544,56 @@ function readConfig(
   if (nHeads % nKvHeads !== 0) {
     throw new ModelFormatError(
       path,
-      `llama.attention.head_count ${nHeads} is not a multiple of llama.attention.head_count_kv ${nKvHeads}`,
+      `${arch}.attention.head_count ${nHeads} is not a multiple of ${arch}.attention.head_count_kv ${nKvHeads}`,
     )
   }
-  const ropeDims = intKey(path, meta, 'llama.rope.dimension_count', Math.floor(dim / nHeads))
-  const headDim = intKey(path, meta, 'llama.attention.key_length', ropeDims)
+  const ropeDims = intKey(path, meta, `${arch}.rope.dimension_count`, Math.floor(dim / nHeads))
+  const headDim = intKey(path, meta, `${arch}.attention.key_length`, ropeDims)
   if (ropeDims !== headDim) {
     throw new ModelFormatError(
       path,
-      `llama.rope.dimension_count is ${ropeDims} but the head size is ${headDim}: partial RoPE is not supported`,
+      `${arch}.rope.dimension_count is ${ropeDims} but the head size is ${headDim}: partial RoPE is not supported`,
     )
   }
   const embdRows = tensors.get('token_embd.weight')?.shape[0]
-  const vocabSize = vocab?.tokens.length ?? embdRows
+  const vocabSize = nTokens ?? embdRows
   if (vocabSize === undefined) {
     throw new ModelFormatError(path, 'GGUF has neither tokenizer.ggml.tokens nor token_embd.weight: vocabulary size unknown')
   }
-  return {
-    arch: 'llama',
+  const config: LlamaConfig = {
+    arch,
     dim,
-    hiddenDim: intKey(path, meta, 'llama.feed_forward_length'),
-    nLayers: intKey(path, meta, 'llama.block_count'),
+    hiddenDim: intKey(path, meta, `${arch}.feed_forward_length`),
+    nLayers: intKey(path, meta, `${arch}.block_count`),
     nHeads,
     nKvHeads,
     headDim,
     vocabSize,
-    maxSeqLen: intKey(path, meta, 'llama.context_length'),
-    normEps: floatKey(path, meta, 'llama.attention.layer_norm_rms_epsilon'),
-    ropeTheta: floatKey(path, meta, 'llama.rope.freq_base', 10000),
-    ropeStyle: 'adjacent',
+    maxSeqLen: intKey(path, meta, `${arch}.context_length`),
+    normEps: floatKey(path, meta, `${arch}.attention.layer_norm_rms_epsilon`),
+    ropeTheta: floatKey(path, meta, `${arch}.rope.freq_base`, 10000),
+    ropeStyle: arch === 'qwen2' ? 'halves' : 'adjacent',
   }
+  return arch === 'qwen2' ? { ...config, qkvBias: true } : config
 }
 
-/** The sentencepiece vocabulary in `tokenizer.ggml.*`, or undefined when the file has no tokenizer. */
-function readVocabulary(path: string, meta: ReadonlyMap<string, GgufValue>): Vocabulary | undefined {
+/** What `tokenizer.ggml.*` holds: a sentencepiece vocabulary or a tokenizer.json document, and the special ids. */
+interface GgufTokenizer {
+  readonly nTokens?: number
+  readonly vocab?: Vocabulary
+  readonly json?: string
+  readonly bosId?: number
+  readonly eosId?: number
+}
+
+/** The tokenizer in `tokenizer.ggml.*`; empty when the file has none. */
+function readTokenizer(path: string, meta: ReadonlyMap<string, GgufValue>): GgufTokenizer {
   const model = meta.get('tokenizer.ggml.model')
-  if (model === undefined) return undefined
-  if (model !== 'llama') {
+  if (model === undefined) return {}
+  if (model !== 'llama' && model !== 'gpt2') {
     throw new ModelFormatError(
       path,
-      `tokenizer.ggml.model is ${describeValue(model)}, supported: "llama" (sentencepiece)`,
+      `tokenizer.ggml.model is ${describeValue(model)}, supported: "llama" (sentencepiece), "gpt2" (byte-level BPE)`,
     )
   }
   const tokens = meta.get('tokenizer.ggml.tokens')
@@ -561,6 +601,23 @@ function readVocabulary(path: string, meta: ReadonlyMap<string, GgufValue>): Voc
     throw new ModelFormatError(path, `tokenizer.ggml.tokens is ${describeValue(tokens)}, expected an array of strings`)
   }
   const pieces = tokens as readonly string[]
+  const specialId = (key: string, fallback: number | undefined): number | undefined => {
+    if (!meta.has(key) && fallback === undefined) return undefined
+    const id = intKey(path, meta, key, fallback)
+    if (id < 0 || id >= pieces.length) throw new ModelFormatError(path, `${key} is ${id}, expected 0..${pieces.length - 1}`)
+    return id
+  }
+  if (model === 'gpt2') {
+    const bosId = specialId('tokenizer.ggml.bos_token_id', undefined)
+    const eosId = specialId('tokenizer.ggml.eos_token_id', undefined)
+    const json = ggufBpeTokenizerJson(path, meta, pieces, bosId)
+    return {
+      nTokens: pieces.length,
+      json,
+      ...(bosId !== undefined ? { bosId } : {}),
+      ...(eosId !== undefined ? { eosId } : {}),
+    }
+  }
   const rawScores = meta.get('tokenizer.ggml.scores')
   let scores: Float32Array
   if (rawScores === undefined) {
@@ -573,50 +630,9 @@ function readVocabulary(path: string, meta: ReadonlyMap<string, GgufValue>): Voc
       `tokenizer.ggml.scores is ${describeValue(rawScores)}, expected ${pieces.length} float32 values (one per token)`,
     )
   }
-  const bosId = intKey(path, meta, 'tokenizer.ggml.bos_token_id', 1)
-  const eosId = intKey(path, meta, 'tokenizer.ggml.eos_token_id', 2)
-  for (const [key, id] of [
-    ['tokenizer.ggml.bos_token_id', bosId],
-    ['tokenizer.ggml.eos_token_id', eosId],
-  ] as const) {
-    if (id < 0 || id >= pieces.length) {
-      throw new ModelFormatError(path, `${key} is ${id}, expected 0..${pieces.length - 1}`)
-    }
-  }
-  return { model: 'llama', tokens: pieces, scores, bosId, eosId }
-}
-
-/** Checks that every canonical tensor exists with the shape `config` implies. */
-function checkTensorShapes(path: string, config: LlamaConfig, tensors: ReadonlyMap<string, TensorRef>): void {
-  const { dim, hiddenDim, nHeads, nKvHeads, headDim, vocabSize } = config
-  const expected: [string, number[]][] = [
-    ['token_embd.weight', [vocabSize, dim]],
-    ['output_norm.weight', [dim]],
-    ['output.weight', [vocabSize, dim]],
-  ]
-  for (let i = 0; i < config.nLayers; i++) {
-    expected.push(
-      [`blk.${i}.attn_norm.weight`, [dim]],
-      [`blk.${i}.attn_q.weight`, [nHeads * headDim, dim]],
-      [`blk.${i}.attn_k.weight`, [nKvHeads * headDim, dim]],
-      [`blk.${i}.attn_v.weight`, [nKvHeads * headDim, dim]],
-      [`blk.${i}.attn_output.weight`, [dim, nHeads * headDim]],
-      [`blk.${i}.ffn_norm.weight`, [dim]],
-      [`blk.${i}.ffn_gate.weight`, [hiddenDim, dim]],
-      [`blk.${i}.ffn_down.weight`, [dim, hiddenDim]],
-      [`blk.${i}.ffn_up.weight`, [hiddenDim, dim]],
-    )
-  }
-  for (const [name, shape] of expected) {
-    const t = tensors.get(name)
-    if (t === undefined) throw new ModelFormatError(path, `tensor ${name} is missing`)
-    if (t.shape.length !== shape.length || t.shape.some((d, k) => d !== shape[k])) {
-      throw new ModelFormatError(
-        path,
-        `tensor ${name} has shape [${t.shape.join(', ')}], the config implies [${shape.join(', ')}]`,
-      )
-    }
-  }
+  const bosId = specialId('tokenizer.ggml.bos_token_id', 1)!
+  const eosId = specialId('tokenizer.ggml.eos_token_id', 2)!
+  return { nTokens: pieces.length, vocab: { model: 'llama', tokens: pieces, scores, bosId, eosId }, bosId, eosId }
 }
 
 /** Short description of a metadata value for messages. */

@@ -5,27 +5,27 @@
 import { endianness } from 'node:os'
 import { ModelFormatError } from '../errors.ts'
 import type { ModelDescription, TensorRef } from '../model.ts'
+import { bf16BytesToF32, dequantizeQ4_0, dequantizeQ8_0, f16BytesToF32, tensorBytes } from '../quant/ggml-blocks.ts'
 import { readFully, withModelFile } from './model-file.ts'
 
 const LITTLE_ENDIAN_HOST = endianness() === 'LE'
 
-/** Bytes per element of each dtype. */
-const ELEMENT_BYTES = { f32: 4, f16: 2 } as const
-
 /**
- * The raw little-endian bytes of tensor `name`: `byteLength` bytes from `offsetBytes` of `model.path`, in a fresh
- * buffer (byteOffset 0, so it can be viewed as a typed array of its dtype).
+ * The raw little-endian bytes of tensor `name`: `byteLength` bytes from `offsetBytes` of its file (`ref.file` for a
+ * tensor of a sharded safetensors model, else `model.path`), in a fresh buffer (byteOffset 0, so it can be viewed as a
+ * typed array of its dtype).
  * Errors: ModelFormatError when the model has no tensor `name`, the file is missing, or it is shorter than the
  * description says (changed since it was loaded).
  */
 export function readTensorBytes(model: ModelDescription, name: string): Uint8Array {
   const ref = tensorRef(model, name)
-  return withModelFile(model.path, ({ fd }) => {
+  const file = ref.file ?? model.path
+  return withModelFile(file, ({ fd }) => {
     const bytes = new Uint8Array(ref.byteLength)
     const got = readFully(fd, bytes, ref.byteLength, ref.offsetBytes)
     if (got !== ref.byteLength) {
       throw new ModelFormatError(
-        model.path,
+        file,
         `tensor ${name} needs ${ref.byteLength} bytes at offset ${ref.offsetBytes}, the file ends after ${got}`,
       )
     }
@@ -34,32 +34,49 @@ export function readTensorBytes(model: ModelDescription, name: string): Uint8Arr
 }
 
 /**
- * Tensor `name` as f32 values, row-major in its `shape` (e.g. `[out, in]` for a linear weight); f16 is widened.
- * Errors: as `readTensorBytes`, plus ModelFormatError when `byteLength` disagrees with shape × element size.
+ * Tensor `name` as f32 values, row-major in its `shape` (e.g. `[out, in]` for a linear weight): f16 and bf16 are
+ * widened exactly; q8_0 blocks give q·d and q4_0 blocks (nibble − 8)·d, d the block's f16 scale (ggml
+ * `dequantize_row_q8_0` / `dequantize_row_q4_0`, via splitter/quant/ggml-blocks.ts).
+ * Errors: as `readTensorBytes`, plus ModelFormatError when `byteLength` disagrees with shape × dtype size (or a
+ * q-type's innermost dimension is not a multiple of 32).
  */
 export function readTensorF32(model: ModelDescription, name: string): Float32Array {
   const ref = tensorRef(model, name)
+  const file = ref.file ?? model.path
   const count = ref.shape.reduce((a, b) => a * b, 1)
-  if (count * ELEMENT_BYTES[ref.dtype] !== ref.byteLength) {
+  let needBytes: number
+  try {
+    needBytes = tensorBytes(ref.dtype, ref.shape)
+  } catch (err) {
+    throw new ModelFormatError(file, `tensor ${name}: ${(err as Error).message}`, { cause: err })
+  }
+  if (needBytes !== ref.byteLength) {
     throw new ModelFormatError(
-      model.path,
-      `tensor ${name} is ${ref.byteLength} bytes, its shape [${ref.shape.join(', ')}] of ${ref.dtype} needs ` +
-        `${count * ELEMENT_BYTES[ref.dtype]}`,
+      file,
+      `tensor ${name} is ${ref.byteLength} bytes at offset ${ref.offsetBytes}, its shape [${ref.shape.join(', ')}] ` +
+        `of ${ref.dtype} needs ${needBytes}`,
     )
   }
   const bytes = readTensorBytes(model, name)
-  if (LITTLE_ENDIAN_HOST) {
-    // [count] f32, or [count] f16 widened by Float32Array.from.
-    return ref.dtype === 'f32'
-      ? new Float32Array(bytes.buffer, 0, count)
-      : Float32Array.from(new Float16Array(bytes.buffer, 0, count))
+  switch (ref.dtype) {
+    case 'f32': {
+      // [count] f32; the fresh buffer starts at byteOffset 0, so the view is aligned.
+      const out = new Float32Array(bytes.buffer, 0, count)
+      if (!LITTLE_ENDIAN_HOST) {
+        const view = new DataView(bytes.buffer)
+        for (let i = 0; i < count; i++) out[i] = view.getFloat32(i * 4, true) // in place: reads before writes
+      }
+      return out
+    }
+    case 'f16':
+      return f16BytesToF32(bytes)
+    case 'bf16':
+      return bf16BytesToF32(bytes)
+    case 'q8_0':
+      return dequantizeQ8_0(bytes, count)
+    case 'q4_0':
+      return dequantizeQ4_0(bytes, count)
   }
-  const view = new DataView(bytes.buffer)
-  const out = new Float32Array(count)
-  for (let i = 0; i < count; i++) {
-    out[i] = ref.dtype === 'f32' ? view.getFloat32(i * 4, true) : view.getFloat16(i * 2, true)
-  }
-  return out
 }
 
 function tensorRef(model: ModelDescription, name: string): TensorRef {

@@ -6,10 +6,26 @@ import { GraphBuilder } from './onnx-builder.ts'
  * heads and returns a partial sum of the output projection; the FFN block owns a range of SwiGLU columns and returns a
  * partial sum of the down projection. The partial sums are allreduced outside the graph.
  *
- * Weights are graph inputs (the caller owns the buffers, ORT reads them in place), so one session serves every layer
- * and weights can be streamed from disk. Linear weights are fed as stored, `[out, in]`, and applied with
- * `Gemm(transB=1)`.
+ * Weights are graph inputs (the caller owns the buffers, ORT reads them in place, one session serves every layer and
+ * weights can be streamed from disk), or, given as `constants`, initializers baked into a per-layer graph (ORT
+ * pre-packs them: the fast resident path, and the only fast one for MatMulNBits). Linear weights are stored
+ * `[out, in]` and applied with `Gemm(transB=1)` or `MatMulNBits`.
  */
+
+/** Weights to bake into a graph as initializers, by graph input name (typed array and shape, outermost first). */
+export type GraphConstants = Readonly<Record<string, { readonly data: Float32Array | Uint8Array; readonly dims: readonly number[] }>>
+
+/**
+ * Declares weight `name`: an initializer when `constants` has it (ORT pre-packs constant weights, and MatMulNBits
+ * is only fast with a constant B), else a graph input.
+ */
+function param(g: GraphBuilder, constants: GraphConstants | undefined, name: string, type: 'float32' | 'uint8', dims: readonly number[]): string {
+  const c = constants?.[name]
+  if (!c) return g.input(name, type, dims)
+  const expected = dims.reduce((a, b) => a * b, 1)
+  if (c.data.length !== expected) throw new RangeError(`cannot bake ${name}: ${c.data.length} values, the graph needs [${dims.join(', ')}]`)
+  return g.constant(name, { type, dims, bytes: new Uint8Array(c.data.buffer, c.data.byteOffset, c.data.byteLength) })
+}
 
 /** Shape of one peer's attention share. */
 export interface AttentionShardShape {
@@ -23,6 +39,10 @@ export interface AttentionShardShape {
   readonly normEps: number
   /** Pairing of rotated dimensions: 'adjacent' (2i, 2i+1) or 'halves' (i, i + headDim/2). */
   readonly ropeStyle: 'adjacent' | 'halves'
+  /** Storage of each projection. */
+  readonly bits: { readonly wq: WeightBits; readonly wk: WeightBits; readonly wv: WeightBits; readonly wo: WeightBits }
+  /** Q/K/V biases as inputs `bq` [heads*headDim], `bk` / `bv` [kvHeads*headDim] f32 (Qwen2). */
+  readonly qkvBias: boolean
 }
 
 /**
@@ -33,13 +53,14 @@ export interface AttentionShardShape {
  * - `cos`, `sin` [seq, headDim] f32: RoPE tables for the positions of `x` (see {@link ropeTables})
  * - `mask` [seq, total] f32: additive causal mask (0 or -Infinity), total = past + seq
  * - `past_k`, `past_v` [kvHeads, past, headDim] f32: this peer's KV cache
- * - `attn_norm` [dim], `wq` [heads*headDim, dim], `wk` / `wv` [kvHeads*headDim, dim], `wo` [dim, heads*headDim] f32
+ * - `attn_norm` [dim] f32; linear weights `wq` [heads*headDim, dim], `wk` / `wv` [kvHeads*headDim, dim],
+ *   `wo` [dim, heads*headDim], each dense or quantized per `shape.bits` (see `linear`); `bq`, `bk`, `bv` with qkvBias
  *
  * Outputs: `partial` [seq, dim] f32 (this peer's term of `attention(x) @ Wo^T`), `present_k` / `present_v`
  * [kvHeads, total, headDim] f32 (the KV cache with this step appended).
  */
-export function buildAttentionBlock(shape: AttentionShardShape): Uint8Array {
-  const { dim, headDim, heads, kvHeads, normEps, ropeStyle } = shape
+export function buildAttentionBlock(shape: AttentionShardShape, constants?: GraphConstants): Uint8Array {
+  const { dim, headDim, heads, kvHeads, normEps, ropeStyle, bits } = shape
   if (kvHeads < 1 || heads % kvHeads !== 0) {
     throw new RangeError(`cannot build attention block: ${heads} query heads do not group over ${kvHeads} KV heads`)
   }
@@ -51,19 +72,19 @@ export function buildAttentionBlock(shape: AttentionShardShape): Uint8Array {
   const mask = g.input('mask', 'float32', ['seq', 'total'])
   const pastK = g.input('past_k', 'float32', [kvHeads, 'past', headDim])
   const pastV = g.input('past_v', 'float32', [kvHeads, 'past', headDim])
-  const normW = g.input('attn_norm', 'float32', [dim])
-  const wq = g.input('wq', 'float32', [heads * headDim, dim])
-  const wk = g.input('wk', 'float32', [kvHeads * headDim, dim])
-  const wv = g.input('wv', 'float32', [kvHeads * headDim, dim])
-  const wo = g.input('wo', 'float32', [dim, heads * headDim])
+  const normW = param(g, constants, 'attn_norm', 'float32', [dim])
 
   const xn = rmsNorm(g, x, normW, normEps)
+  const project = (name: 'wq' | 'wk' | 'wv', n: number, biasName: string): string => {
+    const y = linear(g, constants, xn, name, n * headDim, dim, bits[name])
+    return shape.qkvBias ? g.op('Add', [y, param(g, constants, biasName, 'float32', [n * headDim])]) : y
+  }
   // [seq, n*headDim] -> [n, seq, headDim]
   const headsFirst = (t: string, n: number): string =>
     g.op('Transpose', [g.op('Reshape', [t, g.i64('shape', [0, n, headDim])])], { perm: [1, 0, 2] })
-  const q = rope(g, headsFirst(g.op('Gemm', [xn, wq], { transB: 1 }), heads), cos, sin, headDim, ropeStyle)
-  const k = rope(g, headsFirst(g.op('Gemm', [xn, wk], { transB: 1 }), kvHeads), cos, sin, headDim, ropeStyle)
-  const v = headsFirst(g.op('Gemm', [xn, wv], { transB: 1 }), kvHeads)
+  const q = rope(g, headsFirst(project('wq', heads, 'bq'), heads), cos, sin, headDim, ropeStyle)
+  const k = rope(g, headsFirst(project('wk', kvHeads, 'bk'), kvHeads), cos, sin, headDim, ropeStyle)
+  const v = headsFirst(project('wv', kvHeads, 'bv'), kvHeads)
   const presentK = g.op('Concat', [pastK, k], { axis: 1 }) // [kvHeads, total, headDim]
   const presentV = g.op('Concat', [pastV, v], { axis: 1 })
 
@@ -80,7 +101,7 @@ export function buildAttentionBlock(shape: AttentionShardShape): Uint8Array {
     g.op('Transpose', [ctxHeads], { perm: [1, 0, 2] }),
     g.i64('shape', [0, heads * headDim]),
   ]) // [seq, heads*headDim]
-  const partial = g.op('Gemm', [ctxRows, wo], { transB: 1 }) // [seq, dim]
+  const partial = linear(g, constants, ctxRows, 'wo', dim, heads * headDim, bits.wo) // [seq, dim]
 
   g.output(partial, 'partial', 'float32', ['seq', dim])
   g.output(presentK, 'present_k', 'float32', [kvHeads, 'total', headDim])
@@ -94,28 +115,27 @@ export interface FfnShardShape {
   /** SwiGLU columns owned by this peer (≥ 1). */
   readonly columns: number
   readonly normEps: number
+  readonly bits: { readonly w1: WeightBits; readonly w3: WeightBits; readonly w2: WeightBits }
 }
 
 /**
  * SwiGLU FFN block graph: `partial = (silu(xn @ W1^T) * (xn @ W3^T)) @ W2^T`, xn = RMSNorm(h).
  *
- * Inputs: `h` [seq, dim] f32; `ffn_norm` [dim]; `w1` (gate) and `w3` (up) [columns, dim]; `w2` (down) [dim, columns].
+ * Inputs: `h` [seq, dim] f32; `ffn_norm` [dim]; linear weights `w1` (gate) and `w3` (up) [columns, dim], `w2` (down)
+ * [dim, columns], dense or quantized per `shape.bits`.
  * Output: `partial` [seq, dim] f32.
  */
-export function buildFfnBlock(shape: FfnShardShape): Uint8Array {
-  const { dim, columns, normEps } = shape
+export function buildFfnBlock(shape: FfnShardShape, constants?: GraphConstants): Uint8Array {
+  const { dim, columns, normEps, bits } = shape
   if (columns < 1) throw new RangeError(`cannot build FFN block with ${columns} columns: need at least 1`)
   const g = new GraphBuilder('edgeshard_ffn')
   const h = g.input('h', 'float32', ['seq', dim])
-  const normW = g.input('ffn_norm', 'float32', [dim])
-  const w1 = g.input('w1', 'float32', [columns, dim])
-  const w3 = g.input('w3', 'float32', [columns, dim])
-  const w2 = g.input('w2', 'float32', [dim, columns])
+  const normW = param(g, constants, 'ffn_norm', 'float32', [dim])
   const hn = rmsNorm(g, h, normW, normEps)
-  const gate = g.op('Gemm', [hn, w1], { transB: 1 })
-  const up = g.op('Gemm', [hn, w3], { transB: 1 })
+  const gate = linear(g, constants, hn, 'w1', columns, dim, bits.w1)
+  const up = linear(g, constants, hn, 'w3', columns, dim, bits.w3)
   const act = g.op('Mul', [g.op('Mul', [gate, g.op('Sigmoid', [gate])]), up])
-  g.output(g.op('Gemm', [act, w2], { transB: 1 }), 'partial', 'float32', ['seq', dim])
+  g.output(linear(g, constants, act, 'w2', dim, columns, bits.w2), 'partial', 'float32', ['seq', dim])
   return g.toBytes()
 }
 
@@ -124,20 +144,48 @@ export interface OutputHeadShape {
   readonly dim: number
   readonly vocabSize: number
   readonly normEps: number
+  readonly bits: WeightBits
 }
 
 /**
  * Final RMSNorm and classifier (master only): `logits = RMSNorm(x) @ Wcls^T`.
- * Inputs: `x` [seq, dim] f32, `output_norm` [dim], `wcls` [vocab, dim]. Output: `logits` [seq, vocab] f32.
+ * Inputs: `x` [seq, dim] f32, `output_norm` [dim], linear weight `wcls` [vocab, dim] (dense or quantized).
+ * Output: `logits` [seq, vocab] f32.
  */
-export function buildOutputHead(shape: OutputHeadShape): Uint8Array {
-  const { dim, vocabSize, normEps } = shape
+export function buildOutputHead(shape: OutputHeadShape, constants?: GraphConstants): Uint8Array {
+  const { dim, vocabSize, normEps, bits } = shape
   const g = new GraphBuilder('edgeshard_output_head')
   const x = g.input('x', 'float32', ['seq', dim])
-  const normW = g.input('output_norm', 'float32', [dim])
-  const wcls = g.input('wcls', 'float32', [vocabSize, dim])
-  g.output(g.op('Gemm', [rmsNorm(g, x, normW, normEps), wcls], { transB: 1 }), 'logits', 'float32', ['seq', vocabSize])
+  const normW = param(g, constants, 'output_norm', 'float32', [dim])
+  g.output(linear(g, constants, rmsNorm(g, x, normW, normEps), 'wcls', vocabSize, dim, bits), 'logits', 'float32', ['seq', vocabSize])
   return g.toBytes()
+}
+
+/** Storage of a linear weight in a graph: 32 = dense f32 via Gemm, 8/4 = MatMulNBits blocks of 32. */
+export type WeightBits = 32 | 8 | 4
+
+/**
+ * Declares linear weight `name` [out, in] as graph input(s) and applies it to `x` [seq, in] → [seq, out].
+ * Dense: input `name` f32 [out, in], `Gemm(transB=1)`. Quantized: inputs `name` uint8 [out, in/32, 32·bits/8] and
+ * `name_scales` f32 [out·in/32], `com.microsoft.MatMulNBits` with accuracy_level 0 (exact f32 accumulation).
+ */
+function linear(
+  g: GraphBuilder,
+  constants: GraphConstants | undefined,
+  x: string,
+  name: string,
+  out: number,
+  inFeatures: number,
+  bits: WeightBits,
+): string {
+  if (bits === 32) return g.op('Gemm', [x, param(g, constants, name, 'float32', [out, inFeatures])], { transB: 1 })
+  if (inFeatures % 32 !== 0) throw new RangeError(`cannot apply ${bits}-bit weight ${name}: ${inFeatures} inputs is not a multiple of 32`)
+  const blob = param(g, constants, name, 'uint8', [out, inFeatures / 32, (32 * bits) / 8])
+  const scales = param(g, constants, `${name}_scales`, 'float32', [(out * inFeatures) / 32])
+  return g.node('MatMulNBits', [x, blob, scales], {
+    attrs: { K: inFeatures, N: out, bits, block_size: 32, accuracy_level: 0 },
+    domain: 'com.microsoft',
+  })[0]!
 }
 
 /** RMSNorm over the last axis (Zhang & Sennrich 2019): `w * x / sqrt(mean(x²) + eps)`, as llama2.c's rmsnorm. */

@@ -1,11 +1,13 @@
 import { mkdtempSync, readFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { describe, expect, it } from 'vitest'
-import { HAVE_MODELS, MODELS_DIR, referenceCases, runCli } from '../support/cli.ts'
+import { afterAll, beforeAll, describe, expect, it } from 'vitest'
+import { HAVE_MODELS, MODELS_DIR, type RunningAgent, referenceCases, runCli, startAgent } from '../support/cli.ts'
 
 // Golden tests: real processes, real libp2p on 127.0.0.1, the real pretrained stories260K. Greedy tokens must equal
 // llama2.c run.c's reference exactly, and the text printed must be byte-identical to what run.c printed.
+// N=2 and 4 spawn their workers (`--peers N`); N=3 dials three long-running `edgeshard agent`s (`--workers`), which
+// also shows that an agent serves one master after another.
 const cases = referenceCases()
 const dir = mkdtempSync(join(tmpdir(), 'edgeshard-golden-'))
 const models = ['stories260K.bin', 'stories260K.gguf']
@@ -17,6 +19,14 @@ interface Summary {
   nextTokens: number[]
 }
 
+let agents: RunningAgent[] = []
+beforeAll(async () => {
+  if (HAVE_MODELS) agents = await Promise.all([startAgent(), startAgent()])
+})
+afterAll(async () => {
+  await Promise.all(agents.map((a) => a.stop()))
+})
+
 async function generateCase(model: string, peers: number, index: number): Promise<{ summary: Summary; logits: Float32Array; stdout: Buffer }> {
   const c = cases[index]!
   const tag = `${model}-${peers}-${index}`
@@ -24,7 +34,7 @@ async function generateCase(model: string, peers: number, index: number): Promis
     'run',
     '--model', join(MODELS_DIR, model),
     '--prompt', c.prompt,
-    '--peers', String(peers),
+    ...(peers === 3 ? ['--workers', agents.map((a) => a.address).join(',')] : ['--peers', String(peers)]),
     '--max-tokens', String(c.steps - c.prompt_tokens.length + 1),
     '--temperature', '0',
     // stories260K.gguf declares a context of 128 (llama.cpp's converter default); the model was trained on 512.

@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest'
+import type { LinearWeight, LlamaConfig, WeightSource } from '../../splitter/index.ts'
 import { planTensorParallel, sliceColumns, sliceLayerShard, sliceRows } from '../../splitter/index.ts'
-import type { LlamaConfig } from '../../splitter/index.ts'
 
 describe('sliceRows / sliceColumns', () => {
   const m = Float32Array.from({ length: 12 }, (_, i) => i) // [3, 4]
@@ -24,20 +24,34 @@ describe('sliceLayerShard', () => {
     'attn_norm.weight': 4, 'attn_q.weight': 16, 'attn_k.weight': 8, 'attn_v.weight': 8, 'attn_output.weight': 16,
     'ffn_norm.weight': 4, 'ffn_gate.weight': 24, 'ffn_up.weight': 24, 'ffn_down.weight': 24,
   }
-  const tensor = (name: string): Float32Array => Float32Array.from({ length: sizes[name.slice('blk.0.'.length)]! }, (_, i) => i)
+  const shapes: Record<string, [number, number]> = {
+    'attn_q.weight': [4, 4], 'attn_k.weight': [2, 4], 'attn_v.weight': [2, 4], 'attn_output.weight': [4, 4],
+    'ffn_gate.weight': [6, 4], 'ffn_up.weight': [6, 4], 'ffn_down.weight': [4, 6],
+  }
+  const iota = (name: string): Float32Array => Float32Array.from({ length: sizes[name.slice('blk.0.'.length)]! }, (_, i) => i)
+  const source: WeightSource = {
+    vector: iota,
+    linear: (name) => {
+      const [rows, cols] = shapes[name.slice('blk.0.'.length)]!
+      return { bits: 32, rows, cols, data: iota(name) }
+    },
+  }
+  const values = (w: LinearWeight): number[] => (w.bits === 32 ? [...w.data] : [])
 
   it('cuts Q/K/V by head rows, Wo by the matching columns, W1/W3 by rows and W2 by columns', () => {
     const plan = planTensorParallel(config, 2)
-    const w = sliceLayerShard(plan.model, plan.shards[1]!, 0, tensor)
-    expect([...w.attention!.wq]).toEqual([8, 9, 10, 11, 12, 13, 14, 15]) // query heads 2,3 = rows 2,3 of [4,4]
-    expect([...w.attention!.wk]).toEqual([4, 5, 6, 7]) // KV head 1 = row 1 of [2,4]
-    expect([...w.attention!.wo]).toEqual([2, 3, 6, 7, 10, 11, 14, 15]) // columns 2,3 of [4,4]
-    expect([...w.ffn!.w1]).toEqual([12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23]) // rows 3..5 of [6,4]
-    expect([...w.ffn!.w2]).toEqual([3, 4, 5, 9, 10, 11, 15, 16, 17, 21, 22, 23]) // columns 3..5 of [4,6]
+    const w = sliceLayerShard(plan.model, plan.shards[1]!, 0, source)
+    expect(values(w.attention!.wq)).toEqual([8, 9, 10, 11, 12, 13, 14, 15]) // query heads 2,3 = rows 2,3 of [4,4]
+    expect(values(w.attention!.wk)).toEqual([4, 5, 6, 7]) // KV head 1 = row 1 of [2,4]
+    expect(values(w.attention!.wo)).toEqual([2, 3, 6, 7, 10, 11, 14, 15]) // columns 2,3 of [4,4]
+    expect(w.attention!.wo).toMatchObject({ rows: 4, cols: 2 })
+    expect(values(w.ffn!.w1)).toEqual([12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23]) // rows 3..5 of [6,4]
+    expect(values(w.ffn!.w2)).toEqual([3, 4, 5, 9, 10, 11, 15, 16, 17, 21, 22, 23]) // columns 3..5 of [4,6]
   })
 
   it('refuses a tensor of the wrong size', () => {
     const plan = planTensorParallel(config, 1)
-    expect(() => sliceLayerShard(plan.model, plan.shards[0]!, 0, () => new Float32Array(3))).toThrow(/blk.0.attn_norm.weight: 3 values, expected 4/)
+    const bad: WeightSource = { vector: () => new Float32Array(3), linear: source.linear }
+    expect(() => sliceLayerShard(plan.model, plan.shards[0]!, 0, bad)).toThrow(/blk.0.attn_norm.weight: 3 values, expected 4/)
   })
 })

@@ -71,3 +71,42 @@ export function childPids(pid: number): number[] {
     return []
   }
 }
+
+/** A running `edgeshard agent` process (a worker that outlives its masters). */
+export interface RunningAgent {
+  readonly address: string
+  readonly child: ChildProcess
+  stop(): Promise<void>
+}
+
+/** Starts `edgeshard agent --listen /ip4/127.0.0.1/tcp/0` and waits for its `listening` line. */
+export function startAgent(timeoutMs = 30_000, extraArgs: readonly string[] = []): Promise<RunningAgent> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(process.execPath, [CLI, 'agent', '--listen', '/ip4/127.0.0.1/tcp/0', ...extraArgs], { stdio: ['ignore', 'pipe', 'inherit'] })
+    let buffered = ''
+    const timer = setTimeout(() => {
+      child.kill('SIGKILL')
+      reject(new Error('edgeshard agent did not print its address'))
+    }, timeoutMs)
+    child.stdout.on('data', (b: Buffer) => {
+      buffered += b.toString()
+      const match = /^listening (\S+)$/m.exec(buffered)
+      if (!match) return
+      clearTimeout(timer)
+      resolve({
+        address: match[1]!,
+        child,
+        stop: () =>
+          new Promise<void>((done) => {
+            if (child.exitCode !== null || child.signalCode !== null) return done()
+            child.once('exit', () => done())
+            child.kill('SIGTERM')
+          }),
+      })
+    })
+    child.once('exit', (code) => {
+      clearTimeout(timer)
+      reject(new Error(`edgeshard agent exited with code ${code} before listening`))
+    })
+  })
+}

@@ -199,6 +199,37 @@ describe('frame caps and garbage', () => {
     }
   })
 
+  it('pads so the body lands 8-byte aligned where the frame starts at frameStartOffset, and decodes it in place', () => {
+    for (let start = 0; start < 16; start++) {
+      for (const type of ['a', 'ar', 'hidden-state']) {
+        const body = new Float32Array([1, 2, 3, 4, 5])
+        const parts = encodeFrame({ type, tag: start }, body, { frameStartOffset: start })
+        const head = parts[0]!
+        const padding = head[3]! // high byte of the first prefix word
+        const headerLength = head[0]! | (head[1]! << 8) | (head[2]! << 16)
+        expect(padding).toBeLessThanOrEqual(7)
+        expect((start + 8 + headerLength + padding) % 8).toBe(0)
+        expect(head.subarray(8 + headerLength).every((byte) => byte === 0)).toBe(true)
+        // the receiver's chunk holds `start` bytes of something else before the frame
+        const chunk = concatAt([new Uint8Array(start), ...parts]).subarray(start)
+        const frame = new FrameDecoder().push(chunk)[0]!
+        expect(frame.header).toEqual({ type, tag: start })
+        expect(frame.body.buffer).toBe(chunk.buffer) // a view, no copy
+        expect(Array.from(f32Body(frame))).toEqual([1, 2, 3, 4, 5])
+      }
+    }
+    expect(encodeFrame({ type: 'x' }, null, { frameStartOffset: 3 })[0]![3]).toBe(0) // no body, no padding
+    expect(() => encodeFrame({ type: 'x' }, null, { frameStartOffset: -1 })).toThrow(RangeError)
+  })
+
+  it('rejects padding over 7 bytes', () => {
+    const frame = rawFrame(new Packr({ useRecords: false }).pack({ type: 'x' }), 4)
+    frame[3] = 8
+    const err = errorOf(() => new FrameDecoder().push(frame))
+    expect(err.name).toBe('FrameError')
+    expect(err.message).toContain('padding of 8 bytes')
+  })
+
   it('f32Body rejects a body that is not a whole number of f32', () => {
     const frame = new FrameDecoder().push(concatAt(encodeFrame({ type: 'odd' }, new Uint8Array(6))))[0]!
     const err = errorOf(() => f32Body(frame))

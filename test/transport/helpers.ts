@@ -4,6 +4,7 @@ import {
   PeerGoneError,
   StarAllreduceHub,
   StarAllreduceMember,
+  type StarAllreduceOptions,
   TENSOR_PARALLEL_PROTOCOL,
   TransportNode,
 } from '../../transport/index.ts'
@@ -55,14 +56,15 @@ export interface StarCluster {
   stop(): Promise<void>
 }
 
-export async function startStarCluster(nWorkers: number): Promise<StarCluster> {
+/** @param options - allreduce options of the hub and every member (e.g. `wireDtype`) */
+export async function startStarCluster(nWorkers: number, options: StarAllreduceOptions = {}): Promise<StarCluster> {
   const master = new TransportNode({ listen: ['/ip4/127.0.0.1/tcp/0'] })
   const workers = Array.from({ length: nWorkers }, () => new TransportNode({ listen: ['/ip4/127.0.0.1/tcp/0'] }))
   await Promise.all([master.start(), ...workers.map((w) => w.start())])
   const memberPromises = workers.map(async (worker) => {
     const ready = Promise.withResolvers<StarAllreduceMember>()
     await worker.handle(TENSOR_PARALLEL_PROTOCOL, async (channel) => {
-      const member = new StarAllreduceMember(channel)
+      const member = new StarAllreduceMember(channel, options)
       ready.resolve(member)
       try {
         for await (const frame of channel) if (frame.header.type === 'ar') member.deliver(frame)
@@ -77,7 +79,7 @@ export async function startStarCluster(nWorkers: number): Promise<StarCluster> {
   for (const worker of workers) {
     channels.push(await master.dial(worker.multiaddrs()[0]!, TENSOR_PARALLEL_PROTOCOL, { signal: AbortSignal.timeout(10_000) }))
   }
-  const hub = new StarAllreduceHub(channels)
+  const hub = new StarAllreduceHub(channels, options)
   channels.forEach((channel, i) => {
     void (async () => {
       try {

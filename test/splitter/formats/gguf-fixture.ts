@@ -60,6 +60,12 @@ export const kvStrings = (key: string, v: readonly string[]): Kv => {
   for (const s of v) w.str(s)
   return w.done()
 }
+export const kvBool = (key: string, v: boolean): Kv => new ByteWriter().str(key).u32(7).u8(v ? 1 : 0).done()
+export const kvI32s = (key: string, v: readonly number[]): Kv => {
+  const w = new ByteWriter().str(key).u32(9).u32(5).u64(v.length)
+  for (const x of v) w.u32(x >>> 0)
+  return w.done()
+}
 export const kvF32s = (key: string, v: readonly number[]): Kv => {
   const w = new ByteWriter().str(key).u32(9).u32(6).u64(v.length)
   for (const x of v) w.f32(x)

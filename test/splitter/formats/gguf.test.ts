@@ -177,22 +177,40 @@ describe('GGUF files written by hand', () => {
 
   it('rejects an unsupported tensor type, naming the tensor and the type', () => {
     const tensors = tinyLlamaTensors('f32').map((t) =>
-      t.name === 'blk.0.attn_q.weight' ? { ...t, ggmlType: 2, data: new Uint8Array(18) } : t,
+      t.name === 'blk.0.attn_q.weight' ? { ...t, ggmlType: 12, data: new Uint8Array(144) } : t,
     )
-    const path = write('q4.gguf', buildGguf({ kvs: tinyLlamaKvs(), tensors }))
+    const path = write('q4k.gguf', buildGguf({ kvs: tinyLlamaKvs(), tensors }))
     expectFormatError(
       () => readGguf(path),
       'ModelFormatError',
       path,
-      'tensor blk.0.attn_q.weight has GGML type 2 (Q4_0), supported: F32, F16',
+      'tensor blk.0.attn_q.weight has GGML type 12 (Q4_K), supported: F32, F16, BF16, Q8_0, Q4_0',
     )
-    expectFormatError(() => loadModel(path), 'ModelFormatError', path, 'Q4_0')
+    expectFormatError(() => loadModel(path), 'ModelFormatError', path, 'Q4_K')
     expect([ggmlTypeName(8), ggmlTypeName(12), ggmlTypeName(30), ggmlTypeName(99)]).toEqual([
       'Q8_0',
       'Q4_K',
       'BF16',
       'unknown',
     ])
+  })
+
+  it('rejects a Q4_0 / Q8_0 tensor whose rows are not whole blocks of 32, naming the tensor and its offset', () => {
+    for (const type of [2, 8]) {
+      const tensors = tinyLlamaTensors('f32').map((t) =>
+        t.name === 'blk.0.attn_q.weight' ? { ...t, ggmlType: type, data: new Uint8Array(34) } : t,
+      )
+      const path = write(`q-${type}.gguf`, buildGguf({ kvs: tinyLlamaKvs(), tensors }))
+      const h = readGgufMetadata(path)
+      const offset = h.dataOffsetBytes + h.tensorInfos.find((t) => t.name === 'blk.0.attn_q.weight')!.relOffsetBytes
+      expectFormatError(
+        () => readGguf(path),
+        'ModelFormatError',
+        path,
+        `tensor blk.0.attn_q.weight at offset ${offset} is ${ggmlTypeName(type)} with innermost dimension 4, ` +
+          'not a multiple of the block size 32',
+      )
+    }
   })
 
   it('rejects tensor data cut off, naming the tensor and its offset', () => {
@@ -233,11 +251,15 @@ describe('GGUF files written by hand', () => {
     const p3 = write('be.gguf', bigEndian)
     expectFormatError(() => readGguf(p3), 'ModelFormatError', p3, 'big-endian')
 
-    const p4 = write('qwen.gguf', buildGguf({ kvs: tinyLlamaKvs({ arch: 'qwen2' }), tensors: tinyLlamaTensors('f32') }))
-    expectFormatError(() => readGguf(p4), 'ModelFormatError', p4, 'architecture is "qwen2", supported: llama')
+    const p4 = write('phi.gguf', buildGguf({ kvs: tinyLlamaKvs({ arch: 'phi3' }), tensors: tinyLlamaTensors('f32') }))
+    expectFormatError(() => readGguf(p4), 'ModelFormatError', p4, 'architecture is "phi3", supported: llama, qwen2')
 
-    const p5 = write('gpt2tok.gguf', buildGguf({ kvs: tinyLlamaKvs({ tokenizerModel: 'gpt2' }), tensors: tinyLlamaTensors('f32') }))
-    expectFormatError(() => readGguf(p5), 'ModelFormatError', p5, 'tokenizer.ggml.model is "gpt2"')
+    const p5 = write('berttok.gguf', buildGguf({ kvs: tinyLlamaKvs({ tokenizerModel: 'bert' }), tensors: tinyLlamaTensors('f32') }))
+    expectFormatError(() => readGguf(p5), 'ModelFormatError', p5, 'tokenizer.ggml.model is "bert"', 'supported: "llama"', '"gpt2"')
+
+    // A gpt2 vocabulary without merges cannot be tokenized.
+    const p6 = write('gpt2-nomerges.gguf', buildGguf({ kvs: tinyLlamaKvs({ tokenizerModel: 'gpt2' }), tensors: tinyLlamaTensors('f32') }))
+    expectFormatError(() => readGguf(p6), 'ModelFormatError', p6, 'tokenizer.ggml.merges is missing')
   })
 
   it('rejects missing keys, missing tensors and shapes that disagree with the config', () => {

@@ -1,0 +1,192 @@
+/**
+ * Cluster start-up shared by `run` and `serve`: the cluster flags, then model and tokenizer, the workers (spawned
+ * locally, given, or discovered), the plan check, shard distribution with progress, and a stop that ends it all.
+ */
+import { existsSync, writeFileSync } from 'node:fs'
+import { cpus } from 'node:os'
+import { fileURLToPath } from 'node:url'
+import { type Command, Option } from 'commander'
+import { loadModel, type ModelDescription } from '../../splitter/index.ts'
+import { Cluster, planCluster } from '../cluster.ts'
+import { discoverAgents } from '../discovery.ts'
+import { DiscoveryError, UsageError } from '../errors.ts'
+import { type LocalWorkers, spawnLocalWorkers } from '../local-workers.ts'
+import type { AgentProbe } from '../peer-info.ts'
+import { loadTokenizer, type MasterTokenizer } from '../tokenizer/load-tokenizer.ts'
+import { byteSize, collect, wholeNumber } from './arguments.ts'
+import { createClusterProgress } from './cluster-progress.ts'
+
+/** Where `npm start` finds its default model: ../shared/models beside the repository. */
+export const DEFAULT_MODEL = fileURLToPath(new URL('../../../shared/models/stories260K.bin', import.meta.url))
+
+/** Default time `--discover` listens for agents, ms. */
+export const DEFAULT_DISCOVER_TIMEOUT_MS = 5000
+
+/** The flags `addClusterOptions` defines. */
+export interface ClusterFlags {
+  model?: string
+  tokenizer?: string
+  peers?: number
+  workers?: string
+  /** `--discover` (true) or `--discover N`. */
+  discover?: boolean | number
+  bootstrap?: string[]
+  discoverTimeout?: number
+  threads?: number
+  context?: number
+  memoryBudget?: number
+  quiet?: boolean
+  /** `--trace FILE.json`: Chrome trace events of every peer, written when the cluster stops. */
+  trace?: string
+}
+
+/** Adds the cluster flags (model, peers/workers/discovery, threads, context, memory, quiet) to `command`. */
+export function addClusterOptions(command: Command): Command {
+  return command
+    .option('--model <path>', 'llama2.c checkpoint (.bin) or GGUF file (default: ../shared/models/stories260K.bin)')
+    .option('--tokenizer <path>', 'llama2.c tokenizer.bin (default: tok<vocab>.bin or tokenizer.bin beside a .bin model)')
+    .addOption(new Option('--peers <n>', 'peers on this machine, the master included (spawns n-1 workers; default 3)').argParser(wholeNumber(1)))
+    .option('--workers <addrs>', 'comma-separated multiaddrs of running `edgeshard agent`s to use instead of local workers')
+    .addOption(
+      new Option('--discover [count]', 'use the idle agents found on the LAN by mDNS (and at --bootstrap); with a count, start once that many answer').argParser(
+        wholeNumber(1),
+      ),
+    )
+    .option('--bootstrap <addrs>', 'agents to ask directly where mDNS does not reach (implies --discover; repeatable, comma-separated)', collect)
+    .addOption(
+      new Option('--discover-timeout <ms>', 'how long --discover listens for agents').argParser(wholeNumber(1)).default(DEFAULT_DISCOVER_TIMEOUT_MS),
+    )
+    .addOption(new Option('--context <n>', 'context length in positions (default: what the model file declares)').argParser(wholeNumber(1)))
+    .addOption(new Option('--threads <n>', 'onnxruntime threads per peer (default: cores / local peers)').argParser(wholeNumber(1)))
+    .addOption(
+      new Option('--memory-budget <bytes>', 'weights + KV cache per peer (e.g. 512MB, 2GiB); larger shards stream from disk').argParser(byteSize),
+    )
+    .option('--quiet', 'no status lines or progress bars on stderr')
+    .option('--trace <file>', 'write Chrome trace events of every peer (compute, allreduce, I/O, network, tokens) to this JSON file on exit')
+}
+
+/** A running cluster with what the master needs to generate. */
+export interface StartedCluster {
+  readonly model: ModelDescription
+  readonly tokenizer: MasterTokenizer
+  readonly cluster: Cluster
+  /** Peers, the master included. */
+  readonly peers: number
+  /** Status lines (stderr, unless --quiet). */
+  readonly status: (line: string) => void
+  /** Stops the cluster and any local workers. */
+  stop(): Promise<void>
+}
+
+/**
+ * Starts a cluster from the flags. Workers: `--workers` as given; `--discover`/`--bootstrap` the idle agents found
+ * (most free memory first); otherwise `--peers N` (default 3) local worker processes.
+ * @throws UsageError for contradictory flags or a missing model; RangeError from the planner (before any process
+ *   starts); DiscoveryError when discovery finds too few agents; DialError / PeerFailedError from the cluster.
+ */
+export async function startCluster(flags: ClusterFlags): Promise<StartedCluster> {
+  const modelPath = flags.model ?? DEFAULT_MODEL
+  if (!flags.model && !existsSync(modelPath)) {
+    throw new UsageError(`no --model given and the default ${modelPath} does not exist; pass --model PATH (a llama2.c .bin checkpoint or a .gguf file)`)
+  }
+  const discover = flags.discover !== undefined || (flags.bootstrap?.length ?? 0) > 0
+  if ([flags.peers !== undefined, flags.workers !== undefined, discover].filter(Boolean).length > 1) {
+    throw new UsageError('give one of --peers N (local workers), --workers ADDR,... (running agents) or --discover/--bootstrap (agents found on the network)')
+  }
+  const loaded = loadModel(modelPath)
+  // --context overrides the context length the file declares (llama.cpp's -c), e.g. stories260K.gguf says 128.
+  const model: ModelDescription =
+    flags.context === undefined ? loaded : { ...loaded, config: { ...loaded.config, maxSeqLen: flags.context } }
+  const tokenizer = loadTokenizer(model, flags.tokenizer)
+  const status = (line: string): void => {
+    if (!flags.quiet) process.stderr.write(`edgeshard: ${line}\n`)
+  }
+
+  let workerAddrs = flags.workers?.split(',').map((a) => a.trim()).filter((a) => a.length > 0)
+  if (discover) {
+    const agents = await findAgents(flags, status)
+    workerAddrs = agents.map((a) => a.address)
+  }
+  const nPeers = workerAddrs ? workerAddrs.length + 1 : (flags.peers ?? 3)
+  // Check the plan before any process starts or socket opens (throws RangeError naming the numbers).
+  planCluster(model, nPeers)
+
+  const threads = flags.threads ?? Math.max(1, Math.floor(cpus().length / (workerAddrs ? 1 : nPeers)))
+  const budget = flags.memoryBudget === undefined ? {} : { memoryBudgetBytes: flags.memoryBudget }
+  const progress = createClusterProgress(nPeers, flags.quiet ? { quiet: true } : {})
+  let local: LocalWorkers | null = null
+  try {
+    let addresses: readonly string[] = workerAddrs ?? []
+    if (!workerAddrs && nPeers > 1) {
+      progress.line(`starting ${nPeers - 1} local worker${nPeers > 2 ? 's' : ''}`)
+      local = await spawnLocalWorkers(nPeers - 1, budget)
+      addresses = local.addresses
+    }
+    const loadStart = performance.now()
+    const cluster = await Cluster.start(model, {
+      workers: addresses,
+      threads,
+      ...budget,
+      ...(flags.trace ? { trace: true } : {}),
+      onLayerDistributed: (layer, layers) => progress.layerDistributed(layer, layers),
+      onWorkerReady: (index, peer) => {
+        const pid = local?.processes[index - 1]?.pid
+        progress.workerReady(`worker ${index} ready: peer ${peer} at ${addresses[index - 1]}${pid ? ` (pid ${pid})` : ''}`)
+      },
+    })
+    progress.done()
+    status(
+      `${model.path} on ${nPeers} peer${nPeers > 1 ? 's' : ''} (tensor parallel: ${cluster.plan.shards
+        .map((s) => `${s.kvHeads.count}kv/${s.ffnColumns.count}ffn`)
+        .join(' ')}), loaded in ${(performance.now() - loadStart).toFixed(0)} ms`,
+    )
+    const workers = local
+    return {
+      model,
+      tokenizer,
+      cluster,
+      peers: nPeers,
+      status,
+      async stop() {
+        if (flags.trace) {
+          try {
+            const trace = await cluster.trace()
+            writeFileSync(flags.trace, JSON.stringify(trace))
+            status(`trace of ${trace.metadata.peers.length} peers (${trace.traceEvents.length} events) written to ${flags.trace}`)
+          } catch (err) {
+            status(`cannot write the trace to ${flags.trace}: ${(err as Error).message}`)
+          }
+        }
+        await cluster.stop().catch(() => {})
+        await workers?.stop()
+      },
+    }
+  } catch (err) {
+    progress.done()
+    await local?.stop()
+    throw err
+  }
+}
+
+/** Idle agents for `--discover [N]` / `--bootstrap`, most free memory first. @throws DiscoveryError when too few. */
+async function findAgents(flags: ClusterFlags, status: (line: string) => void): Promise<AgentProbe[]> {
+  const wanted = typeof flags.discover === 'number' ? flags.discover : undefined
+  const timeoutMs = flags.discoverTimeout ?? DEFAULT_DISCOVER_TIMEOUT_MS
+  status(`looking for ${wanted ?? 'all'} idle agent${wanted === 1 ? '' : 's'} on the network for up to ${timeoutMs} ms`)
+  const agents = await discoverAgents({
+    ...(flags.bootstrap ? { bootstrap: flags.bootstrap } : {}),
+    ...(wanted !== undefined ? { wanted } : {}),
+    timeoutMs,
+    onFound: (a) => status(`found agent ${a.peer} at ${a.address} (${a.profile.hostname}, ${a.profile.cores} cores${a.profile.busy ? ', busy' : ''})`),
+  })
+  const idle = agents.filter((a) => !a.profile.busy).sort((a, b) => b.profile.freeMemoryBytes - a.profile.freeMemoryBytes)
+  const busy = agents.length - idle.length
+  if (idle.length === 0 || (wanted !== undefined && idle.length < wanted)) {
+    throw new DiscoveryError(
+      `found ${idle.length} idle agent${idle.length === 1 ? '' : 's'}${wanted !== undefined ? ` of ${wanted} wanted` : ''}` +
+        `${busy > 0 ? ` (and ${busy} busy)` : ''} within ${timeoutMs} ms; start \`edgeshard agent\` on the other devices, ` +
+        'pass --bootstrap ADDR where mDNS does not reach, or --discover-timeout MS',
+    )
+  }
+  return wanted === undefined ? idle : idle.slice(0, wanted)
+}

@@ -1,0 +1,415 @@
+import { createHash } from 'node:crypto'
+import { type FileHandle, mkdir, open, readFile, rename, rm, writeFile } from 'node:fs/promises'
+import { join } from 'node:path'
+import { logger } from '@libp2p/logger'
+import type { AttentionShardWeights, FfnShardWeights, LayerShardWeights, LinearWeight, WeightBits } from '../splitter/index.ts'
+import { tensorBodyBytes, type WeightName } from './protocol.ts'
+
+const log = logger('edgeshard:agent:weights')
+
+/** The two half-layer blocks of TPI-LLM's sliding window (§3.3): attention, then FFN. */
+export type BlockKind = 'attention' | 'ffn'
+
+/** How a peer's blocks are stored, for building its graphs (the same in every layer). */
+export interface BlockLayout {
+  readonly attention: { readonly wq: WeightBits; readonly wk: WeightBits; readonly wv: WeightBits; readonly wo: WeightBits } | null
+  readonly ffn: { readonly w1: WeightBits; readonly w3: WeightBits; readonly w2: WeightBits } | null
+}
+
+/**
+ * Where a shard runner gets each layer's weights. Blocks are acquired in execution order (layer 0 attention, layer 0
+ * FFN, layer 1 attention, …, then layer 0 again for the next token) and released as soon as their graph has run.
+ */
+export interface WeightStore {
+  readonly layout: BlockLayout
+  attention(layer: number): Promise<AttentionShardWeights>
+  ffn(layer: number): Promise<FfnShardWeights>
+  release(layer: number, kind: BlockKind): void
+  /** Milliseconds spent waiting for blocks that were not loaded yet. */
+  readonly ioWaitMs: number
+  /** Blocks resident at most (the window W). */
+  readonly window: number
+  close(): Promise<void>
+}
+
+function layoutOf(w: LayerShardWeights | undefined): BlockLayout {
+  const a = w?.attention
+  const f = w?.ffn
+  return {
+    attention: a ? { wq: a.wq.bits, wk: a.wk.bits, wv: a.wv.bits, wo: a.wo.bits } : null,
+    ffn: f ? { w1: f.w1.bits, w3: f.w3.bits, w2: f.w2.bits } : null,
+  }
+}
+
+/** Every block in memory (resident mode): acquire and release cost nothing. */
+export class ResidentStore implements WeightStore {
+  readonly layout: BlockLayout
+  readonly ioWaitMs = 0
+  readonly window: number
+  readonly #weights: readonly LayerShardWeights[]
+
+  constructor(weights: readonly LayerShardWeights[]) {
+    this.#weights = weights
+    this.layout = layoutOf(weights[0])
+    this.window = weights.length * 2
+  }
+
+  async attention(layer: number): Promise<AttentionShardWeights> {
+    return this.#weights[layer]!.attention!
+  }
+
+  async ffn(layer: number): Promise<FfnShardWeights> {
+    return this.#weights[layer]!.ffn!
+  }
+
+  release(): void {}
+
+  async close(): Promise<void> {}
+}
+
+/** One tensor inside a block of a shard file. */
+interface TensorEntry {
+  readonly name: WeightName
+  readonly bits: 32 | 8 | 4
+  readonly rows: number
+  readonly cols: number
+  /** Byte offset inside the block (8-byte aligned). */
+  readonly offset: number
+}
+
+/** One half-layer block of a shard file. */
+interface BlockEntry {
+  readonly layer: number
+  readonly kind: BlockKind
+  /** Byte offset of the block in blocks.bin (64-byte aligned). */
+  readonly offset: number
+  readonly bytes: number
+  /** sha256 of the block's bytes, hex. */
+  readonly sha256: string
+  readonly tensors: readonly TensorEntry[]
+}
+
+/** index.json of a shard directory. */
+interface ShardIndex {
+  readonly version: 1
+  readonly layers: number
+  readonly blocks: readonly BlockEntry[]
+}
+
+const ATTENTION_NAMES: ReadonlySet<WeightName> = new Set(['attn_norm', 'wq', 'wk', 'wv', 'wo', 'bq', 'bk', 'bv'])
+
+/** A shard file failed its checksum or does not match what was expected. */
+export class ShardFileError extends Error {
+  static override name = 'ShardFileError'
+  constructor(message: string) {
+    super(message)
+    this.name = 'ShardFileError'
+  }
+}
+
+/** The memory budget cannot hold two blocks plus the KV cache. */
+export class MemoryBudgetError extends Error {
+  static override name = 'MemoryBudgetError'
+  /** Bytes the budget would need at least. */
+  readonly neededBytes: number
+  constructor(message: string, neededBytes: number) {
+    super(message)
+    this.name = 'MemoryBudgetError'
+    this.neededBytes = neededBytes
+  }
+}
+
+const align = (n: number, to: number): number => Math.ceil(n / to) * to
+
+/**
+ * Writes a peer's shard to a directory as it arrives, one tensor at a time (nothing is held in memory): `blocks.bin`
+ * holds the half-layer blocks back to back (64-byte aligned; tensors inside 8-byte aligned, in the layout of
+ * `tensor` frames), `index.json` their offsets, shapes and sha256. Tensors must arrive block by block in execution
+ * order, as the master sends them.
+ */
+export class ShardFileWriter {
+  readonly dir: string
+  readonly #file: FileHandle
+  readonly #blocks: BlockEntry[] = []
+  #current: { layer: number; kind: BlockKind; offset: number; bytes: number; hash: ReturnType<typeof createHash>; tensors: TensorEntry[] } | null = null
+  #end = 0
+  #layers = 0
+
+  private constructor(dir: string, file: FileHandle) {
+    this.dir = dir
+    this.#file = file
+  }
+
+  static async create(dir: string): Promise<ShardFileWriter> {
+    await rm(dir, { recursive: true, force: true })
+    await mkdir(dir, { recursive: true })
+    return new ShardFileWriter(dir, await open(join(dir, 'blocks.bin'), 'w'))
+  }
+
+  /** Appends one tensor (a `tensor` frame body). */
+  async add(layer: number, name: WeightName, bits: 32 | 8 | 4, rows: number, cols: number, body: Uint8Array): Promise<void> {
+    const kind: BlockKind = ATTENTION_NAMES.has(name) ? 'attention' : 'ffn'
+    if (!this.#current || this.#current.layer !== layer || this.#current.kind !== kind) {
+      this.#finishBlock()
+      this.#end = align(this.#end, 64)
+      this.#current = { layer, kind, offset: this.#end, bytes: 0, hash: createHash('sha256'), tensors: [] }
+      this.#layers = Math.max(this.#layers, layer + 1)
+    }
+    const block = this.#current
+    const pad = align(block.bytes, 8) - block.bytes
+    if (pad > 0) {
+      const zeros = new Uint8Array(pad)
+      block.hash.update(zeros)
+      await this.#file.write(zeros, 0, pad, block.offset + block.bytes)
+      block.bytes += pad
+    }
+    block.tensors.push({ name, bits, rows, cols, offset: block.bytes })
+    block.hash.update(body)
+    await this.#file.write(body, 0, body.byteLength, block.offset + block.bytes)
+    block.bytes += body.byteLength
+    this.#end = block.offset + block.bytes
+  }
+
+  #finishBlock(): void {
+    const b = this.#current
+    if (!b) return
+    this.#blocks.push({ layer: b.layer, kind: b.kind, offset: b.offset, bytes: b.bytes, sha256: b.hash.digest('hex'), tensors: b.tensors })
+    this.#current = null
+  }
+
+  /** Flushes and writes index.json; returns the total bytes of the shard. */
+  async finish(): Promise<number> {
+    this.#finishBlock()
+    await this.#file.sync()
+    await this.#file.close()
+    const index: ShardIndex = { version: 1, layers: this.#layers, blocks: this.#blocks }
+    await writeFile(join(this.dir, 'index.json.tmp'), JSON.stringify(index))
+    await rename(join(this.dir, 'index.json.tmp'), join(this.dir, 'index.json'))
+    return this.#end
+  }
+}
+
+/** Options of {@link StreamingStore.open}. */
+export interface StreamingOptions {
+  /** Bytes for weights and KV cache (the runtime's own overhead comes on top). */
+  readonly budgetBytes: number
+  /** KV cache bytes at the full context (they share the budget). */
+  readonly kvCacheBytes: number
+  /** Check every block's sha256 once at open (default true). */
+  readonly verify?: boolean
+}
+
+/**
+ * TPI-LLM's sliding-window memory scheduler (§3.3): at most W half-layer blocks resident in a pool of W reused
+ * buffers; a background loader reads the next blocks from the shard file while the current one computes and
+ * allreduces, and wraps around to layer 0 for the next token. ORT reads the pool buffers in place (weights are graph
+ * inputs). W = ⌊(budget − KV cache) / largest block⌋, at least 2.
+ */
+export class StreamingStore implements WeightStore {
+  readonly layout: BlockLayout
+  readonly window: number
+  ioWaitMs = 0
+  readonly #file: FileHandle
+  readonly #blocks: readonly BlockEntry[]
+  readonly #order = new Map<string, number>()
+  readonly #slots: ArrayBuffer[]
+  readonly #free: number[]
+  readonly #loading = new Map<number, { slot: number; ready: Promise<LayerBlock> }>()
+  #next = 0
+  #closed = false
+
+  private constructor(file: FileHandle, index: ShardIndex, window: number, slotBytes: number, layout: BlockLayout) {
+    this.#file = file
+    this.#blocks = index.blocks
+    for (const [i, b] of index.blocks.entries()) this.#order.set(`${b.layer}:${b.kind}`, i)
+    this.window = window
+    this.#slots = Array.from({ length: window }, () => new ArrayBuffer(slotBytes))
+    this.#free = this.#slots.map((_, i) => i)
+    this.layout = layout
+  }
+
+  /**
+   * Opens a shard directory written by {@link ShardFileWriter}.
+   * @throws MemoryBudgetError naming the bytes needed when the budget cannot hold 2 blocks plus the KV cache;
+   *   ShardFileError naming the block when a checksum fails.
+   */
+  static async open(dir: string, options: StreamingOptions): Promise<StreamingStore> {
+    const index = JSON.parse(await readFile(join(dir, 'index.json'), 'utf8')) as ShardIndex
+    const largest = Math.max(...index.blocks.map((b) => b.bytes))
+    const needed = 2 * largest + options.kvCacheBytes
+    if (options.budgetBytes < needed) {
+      throw new MemoryBudgetError(
+        `memory budget of ${options.budgetBytes} bytes is too small: needs ${needed} (2 blocks of ${largest} + KV cache ${options.kvCacheBytes})`,
+        needed,
+      )
+    }
+    const window = Math.min(index.blocks.length, Math.floor((options.budgetBytes - options.kvCacheBytes) / largest))
+    const file = await open(join(dir, 'blocks.bin'), 'r')
+    if (options.verify ?? true) {
+      const buffer = new Uint8Array(largest)
+      for (const b of index.blocks) {
+        await file.read(buffer, 0, b.bytes, b.offset)
+        const sum = createHash('sha256').update(buffer.subarray(0, b.bytes)).digest('hex')
+        if (sum !== b.sha256) {
+          await file.close()
+          throw new ShardFileError(`shard file ${join(dir, 'blocks.bin')}: layer ${b.layer} ${b.kind} block fails its sha256 check`)
+        }
+      }
+    }
+    const layout = layoutFromIndex(index)
+    log('streaming %d blocks from %s with a window of %d × %d bytes', index.blocks.length, dir, window, largest)
+    return new StreamingStore(file, index, window, align(largest, 64), layout)
+  }
+
+  async attention(layer: number): Promise<AttentionShardWeights> {
+    return (await this.#acquire(layer, 'attention')).attention!
+  }
+
+  async ffn(layer: number): Promise<FfnShardWeights> {
+    return (await this.#acquire(layer, 'ffn')).ffn!
+  }
+
+  async #acquire(layer: number, kind: BlockKind): Promise<LayerBlock> {
+    const i = this.#order.get(`${layer}:${kind}`)
+    if (i === undefined) throw new RangeError(`no ${kind} block for layer ${layer} in this shard`)
+    if (!this.#loading.has(i)) {
+      // Out of the expected order (first token, or after an error): restart the loader here.
+      for (const [j, entry] of this.#loading) {
+        await entry.ready.catch(() => {})
+        this.#free.push(entry.slot)
+        this.#loading.delete(j)
+      }
+      this.#next = i
+      this.#pump()
+    }
+    const t0 = performance.now()
+    const block = await this.#loading.get(i)!.ready
+    this.ioWaitMs += performance.now() - t0
+    return block
+  }
+
+  release(layer: number, kind: BlockKind): void {
+    const i = this.#order.get(`${layer}:${kind}`)
+    const entry = i === undefined ? undefined : this.#loading.get(i)
+    if (i === undefined || !entry) return
+    this.#loading.delete(i)
+    this.#free.push(entry.slot)
+    this.#pump()
+  }
+
+  /** Starts loads of the next blocks in execution order while slots are free. */
+  #pump(): void {
+    while (!this.#closed && this.#free.length > 0 && !this.#loading.has(this.#next)) {
+      const i = this.#next
+      const slot = this.#free.shift()!
+      const ready = this.#load(i, slot)
+      ready.catch(() => {}) // surfaced to the acquirer
+      this.#loading.set(i, { slot, ready })
+      this.#next = (i + 1) % this.#blocks.length
+    }
+  }
+
+  async #load(i: number, slot: number): Promise<LayerBlock> {
+    const b = this.#blocks[i]!
+    const bytes = new Uint8Array(this.#slots[slot]!, 0, b.bytes)
+    const { bytesRead } = await this.#file.read(bytes, 0, b.bytes, b.offset)
+    if (bytesRead !== b.bytes) throw new ShardFileError(`shard file: layer ${b.layer} ${b.kind} block is truncated (${bytesRead} of ${b.bytes} bytes)`)
+    return blockWeights(b, bytes)
+  }
+
+  async close(): Promise<void> {
+    this.#closed = true
+    await Promise.all([...this.#loading.values()].map((e) => e.ready.catch(() => {})))
+    this.#loading.clear()
+    await this.#file.close()
+  }
+}
+
+type LayerBlock = { attention?: AttentionShardWeights; ffn?: FfnShardWeights }
+
+/** Views of one block's tensors on `bytes` (no copy). */
+function blockWeights(b: BlockEntry, bytes: Uint8Array): LayerBlock {
+  const t: Partial<Record<WeightName, LinearWeight>> = {}
+  for (const e of b.tensors) {
+    const at = bytes.byteOffset + e.offset
+    const n = e.rows * e.cols
+    if (e.bits === 32) {
+      t[e.name] = { bits: 32, rows: e.rows, cols: e.cols, data: new Float32Array(bytes.buffer, at, n) }
+    } else {
+      const blobBytes = (n * e.bits) / 8
+      t[e.name] = {
+        bits: e.bits,
+        rows: e.rows,
+        cols: e.cols,
+        blob: new Uint8Array(bytes.buffer, at, blobBytes),
+        scales: new Float32Array(bytes.buffer, at + blobBytes, n / 32),
+      }
+    }
+  }
+  const vec = (n: WeightName): Float32Array => (t[n] as { data: Float32Array }).data
+  if (b.kind === 'attention') {
+    return {
+      attention: {
+        attn_norm: vec('attn_norm'),
+        wq: t.wq!,
+        wk: t.wk!,
+        wv: t.wv!,
+        wo: t.wo!,
+        bias: t.bq ? { bq: vec('bq'), bk: vec('bk'), bv: vec('bv') } : null,
+      },
+    }
+  }
+  return { ffn: { ffn_norm: vec('ffn_norm'), w1: t.w1!, w3: t.w3!, w2: t.w2! } }
+}
+
+function layoutFromIndex(index: ShardIndex): BlockLayout {
+  const bitsOf = (kind: BlockKind, name: WeightName): WeightBits =>
+    index.blocks.find((b) => b.kind === kind)!.tensors.find((t) => t.name === name)!.bits
+  const hasA = index.blocks.some((b) => b.kind === 'attention')
+  const hasF = index.blocks.some((b) => b.kind === 'ffn')
+  return {
+    attention: hasA ? { wq: bitsOf('attention', 'wq'), wk: bitsOf('attention', 'wk'), wv: bitsOf('attention', 'wv'), wo: bitsOf('attention', 'wo') } : null,
+    ffn: hasF ? { w1: bitsOf('ffn', 'w1'), w3: bitsOf('ffn', 'w3'), w2: bitsOf('ffn', 'w2') } : null,
+  }
+}
+
+/** Bytes of one layer's blocks for a shard, from its weights (for deciding resident vs streaming). */
+export function shardBytes(weights: readonly LayerShardWeights[]): number {
+  let total = 0
+  const lin = (w: LinearWeight): number => tensorBodyBytes(w.bits, w.rows, w.cols)
+  for (const w of weights) {
+    if (w.attention) total += lin(w.attention.wq) + lin(w.attention.wk) + lin(w.attention.wv) + lin(w.attention.wo)
+    if (w.ffn) total += lin(w.ffn.w1) + lin(w.ffn.w3) + lin(w.ffn.w2)
+  }
+  return total
+}
+
+/**
+ * Opens a shard directory: all blocks resident when the budget holds the whole shard plus the KV cache, otherwise
+ * a {@link StreamingStore} with the largest window the budget allows.
+ * @throws MemoryBudgetError, ShardFileError as {@link StreamingStore.open}.
+ */
+export async function openShard(dir: string, options: StreamingOptions): Promise<WeightStore> {
+  const index = JSON.parse(await readFile(join(dir, 'index.json'), 'utf8')) as ShardIndex
+  const total = index.blocks.reduce((sum, b) => sum + b.bytes, 0)
+  if (options.budgetBytes < total + options.kvCacheBytes) return StreamingStore.open(dir, options)
+  const file = await open(join(dir, 'blocks.bin'), 'r')
+  try {
+    const layers: { attention: AttentionShardWeights | null; ffn: FfnShardWeights | null }[] = Array.from({ length: index.layers }, () => ({
+      attention: null,
+      ffn: null,
+    }))
+    for (const b of index.blocks) {
+      const bytes = new Uint8Array(align(b.bytes, 8))
+      await file.read(bytes, 0, b.bytes, b.offset)
+      if ((options.verify ?? true) && createHash('sha256').update(bytes.subarray(0, b.bytes)).digest('hex') !== b.sha256) {
+        throw new ShardFileError(`shard file ${join(dir, 'blocks.bin')}: layer ${b.layer} ${b.kind} block fails its sha256 check`)
+      }
+      Object.assign(layers[b.layer]!, blockWeights(b, bytes))
+    }
+    log('shard %s resident: %d bytes within a budget of %d', dir, total, options.budgetBytes)
+    return new ResidentStore(layers)
+  } finally {
+    await file.close()
+  }
+}

@@ -1,0 +1,119 @@
+/**
+ * Block-quantized linear weights in the layout of onnxruntime's `com.microsoft.MatMulNBits` (ORT contrib op spec:
+ * B uint8 [N, K/blockSize, blockSize·bits/8], scales [N·K/blockSize], no zero points → zero point 2^(bits−1)),
+ * re-laid out from ggml's Q4_0 / Q8_0 blocks without re-quantizing (../shared/NOTES.md: same arithmetic).
+ *
+ * ggml Q4_0 block (18 bytes, 32 weights): f16 scale d, 16 bytes whose low nibbles are weights 0–15 and high nibbles
+ * weights 16–31, value (q − 8)·d. MatMulNBits 4-bit blob (16 bytes): byte j holds weight 2j in its low nibble and
+ * 2j+1 in its high nibble, value (q − 8)·scale.
+ * ggml Q8_0 block (34 bytes): f16 scale d, 32 int8 q, value q·d. MatMulNBits 8-bit blob: 32 uint8 u = q + 128,
+ * value (u − 128)·scale.
+ */
+
+import { Q4_0_BLOCK_BYTES, Q8_0_BLOCK_BYTES, QK as BLOCK } from './ggml-blocks.ts'
+
+const GGML_BLOCK_BYTES = { q4_0: Q4_0_BLOCK_BYTES, q8_0: Q8_0_BLOCK_BYTES } as const
+
+/** A linear weight [out, in] ready for MatMulNBits. */
+export interface NBitsWeight {
+  readonly bits: 4 | 8
+  /** Output features (MatMulNBits N). */
+  readonly rows: number
+  /** Input features (MatMulNBits K), a multiple of 32. */
+  readonly cols: number
+  /** [rows, cols/32, 32·bits/8] uint8 */
+  readonly blob: Uint8Array
+  /** [rows · cols/32] f32 */
+  readonly scales: Float32Array
+}
+
+/**
+ * Re-lays ggml blocks out for MatMulNBits.
+ * @param bytes ggml blocks of a [rows, cols] tensor, row-major (rows · cols/32 blocks).
+ * @throws RangeError when cols is not a multiple of 32 or the byte count does not match.
+ */
+export function ggmlToNBits(dtype: 'q4_0' | 'q8_0', bytes: Uint8Array, rows: number, cols: number): NBitsWeight {
+  if (cols % BLOCK !== 0) throw new RangeError(`cannot lay out a ${dtype} tensor of ${cols} columns: not a multiple of ${BLOCK}`)
+  const nBlocks = (rows * cols) / BLOCK
+  const blockBytes = GGML_BLOCK_BYTES[dtype]
+  if (bytes.byteLength !== nBlocks * blockBytes) {
+    throw new RangeError(`cannot lay out ${rows}×${cols} ${dtype}: ${bytes.byteLength} bytes, expected ${nBlocks * blockBytes}`)
+  }
+  const bits = dtype === 'q4_0' ? 4 : 8
+  const blobBytes = (BLOCK * bits) / 8
+  const blob = new Uint8Array(nBlocks * blobBytes)
+  const scales = new Float32Array(nBlocks)
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength)
+  for (let b = 0; b < nBlocks; b++) {
+    const src = b * blockBytes
+    scales[b] = view.getFloat16(src, true)
+    const dst = b * blobBytes
+    if (bits === 4) {
+      for (let j = 0; j < 16; j++) {
+        // weights 2j and 2j+1 of the block: each lives in byte (w % 16), low nibble if w < 16 else high
+        const w0 = 2 * j
+        const w1 = 2 * j + 1
+        const q0 = w0 < 16 ? bytes[src + 2 + w0]! & 0x0f : bytes[src + 2 + w0 - 16]! >> 4
+        const q1 = w1 < 16 ? bytes[src + 2 + w1]! & 0x0f : bytes[src + 2 + w1 - 16]! >> 4
+        blob[dst + j] = q0 | (q1 << 4)
+      }
+    } else {
+      for (let j = 0; j < 32; j++) blob[dst + j] = (bytes[src + 2 + j]! ^ 0x80) & 0xff // int8 q → q + 128
+    }
+  }
+  return { bits, rows, cols, blob, scales }
+}
+
+/**
+ * Rows `[start, start+count)` of an NBits weight: zero-copy views.
+ * @throws RangeError outside the weight.
+ */
+export function nbitsRows(w: NBitsWeight, start: number, count: number): NBitsWeight {
+  if (start < 0 || count < 0 || start + count > w.rows) throw new RangeError(`cannot take rows ${start}..${start + count} of a ${w.rows}-row weight`)
+  const blocksPerRow = w.cols / BLOCK
+  const blobRow = (blocksPerRow * BLOCK * w.bits) / 8
+  return {
+    bits: w.bits,
+    rows: count,
+    cols: w.cols,
+    blob: w.blob.subarray(start * blobRow, (start + count) * blobRow),
+    scales: w.scales.subarray(start * blocksPerRow, (start + count) * blocksPerRow),
+  }
+}
+
+/**
+ * Columns `[start, start+count)` of an NBits weight, copied; a cut must fall on block boundaries.
+ * @throws RangeError naming the columns when start or count is not a multiple of 32, or outside the weight.
+ */
+export function nbitsColumns(w: NBitsWeight, start: number, count: number): NBitsWeight {
+  if (start % BLOCK !== 0 || count % BLOCK !== 0) {
+    throw new RangeError(`cannot cut columns ${start}..${start + count} of a ${w.bits}-bit weight: not on a ${BLOCK}-column block boundary`)
+  }
+  if (start < 0 || start + count > w.cols) throw new RangeError(`cannot take columns ${start}..${start + count} of a ${w.cols}-column weight`)
+  const blocksPerRow = w.cols / BLOCK
+  const blobBlock = (BLOCK * w.bits) / 8
+  const b0 = start / BLOCK
+  const nb = count / BLOCK
+  const blob = new Uint8Array(w.rows * nb * blobBlock)
+  const scales = new Float32Array(w.rows * nb)
+  for (let r = 0; r < w.rows; r++) {
+    blob.set(w.blob.subarray((r * blocksPerRow + b0) * blobBlock, (r * blocksPerRow + b0 + nb) * blobBlock), r * nb * blobBlock)
+    scales.set(w.scales.subarray(r * blocksPerRow + b0, r * blocksPerRow + b0 + nb), r * nb)
+  }
+  return { bits: w.bits, rows: w.rows, cols: count, blob, scales }
+}
+
+/** Row `row` of an NBits weight dequantized to f32 [cols] (the master's embedding lookup). */
+export function nbitsRowF32(w: NBitsWeight, row: number, out: Float32Array = new Float32Array(w.cols)): Float32Array {
+  const blocksPerRow = w.cols / BLOCK
+  const blobBlock = (BLOCK * w.bits) / 8
+  for (let b = 0; b < blocksPerRow; b++) {
+    const d = w.scales[row * blocksPerRow + b]!
+    const src = (row * blocksPerRow + b) * blobBlock
+    for (let j = 0; j < BLOCK; j++) {
+      const q = w.bits === 4 ? (j % 2 === 0 ? w.blob[src + (j >> 1)]! & 0x0f : w.blob[src + (j >> 1)]! >> 4) - 8 : w.blob[src + j]! - 128
+      out[b * BLOCK + j] = q * d
+    }
+  }
+  return out
+}

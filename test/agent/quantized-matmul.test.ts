@@ -1,0 +1,95 @@
+import { describe, expect, it } from 'vitest'
+import { dequantizeQ4_0, dequantizeQ8_0, quantizeQ4_0, quantizeQ8_0 } from '../../splitter/quant/ggml-blocks.ts'
+import { buildFfnBlock, ggmlToNBits, linearColumns, linearRows, nbitsRowF32, toLinearWeight } from '../../splitter/index.ts'
+import type { LinearWeight } from '../../splitter/index.ts'
+import { Session } from '../../agent/runtime.ts'
+import { linearFeeds } from '../../agent/shard-runner.ts'
+
+function seeded(seed: number): () => number {
+  let s = seed >>> 0
+  return () => {
+    s = (s + 0x6d2b79f5) >>> 0
+    let t = s
+    t = Math.imul(t ^ (t >>> 15), t | 1)
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61)
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296 - 0.5
+  }
+}
+
+const DIM = 64
+const COLS = 96 // FFN width: 3 blocks of 32
+
+/** An FFN block's output with the given storage of W1/W3/W2, from a real onnxruntime session. */
+async function ffn(h: Float32Array, norm: Float32Array, w: { w1: LinearWeight; w3: LinearWeight; w2: LinearWeight }): Promise<Float32Array> {
+  const session = await Session.create(
+    'ffn',
+    buildFfnBlock({ dim: DIM, columns: w.w1.rows, normEps: 1e-5, bits: { w1: w.w1.bits, w3: w.w3.bits, w2: w.w2.bits } }),
+  )
+  const out = await session.run({
+    h: { data: h, dims: [h.length / DIM, DIM] },
+    ffn_norm: { data: norm, dims: [DIM] },
+    ...linearFeeds('w1', w.w1),
+    ...linearFeeds('w3', w.w3),
+    ...linearFeeds('w2', w.w2),
+  })
+  await session.release()
+  return out.partial!.data as Float32Array
+}
+
+function maxRelError(a: Float32Array, b: Float32Array): number {
+  let scale = 0
+  let err = 0
+  for (let i = 0; i < a.length; i++) {
+    scale = Math.max(scale, Math.abs(b[i]!))
+    err = Math.max(err, Math.abs(a[i]! - b[i]!))
+  }
+  return err / scale
+}
+
+describe.each([
+  ['q4_0', quantizeQ4_0, dequantizeQ4_0],
+  ['q8_0', quantizeQ8_0, dequantizeQ8_0],
+] as const)('%s weights through MatMulNBits', (dtype, quantize, dequantize) => {
+  const rand = seeded(dtype === 'q4_0' ? 4 : 8)
+  const make = (rows: number, cols: number) => {
+    const values = Float32Array.from({ length: rows * cols }, () => rand() * 0.2)
+    const bytes = quantize(values)
+    return {
+      quantized: toLinearWeight(dtype, bytes, rows, cols),
+      dense: toLinearWeight('f32', new Uint8Array(dequantize(bytes, rows * cols).buffer), rows, cols),
+    }
+  }
+  const w1 = make(COLS, DIM)
+  const w3 = make(COLS, DIM)
+  const w2 = make(DIM, COLS)
+  const norm = Float32Array.from({ length: DIM }, () => 1 + rand())
+  const h = Float32Array.from({ length: 5 * DIM }, () => rand() * 4)
+
+  it('matches an f32 matmul over the dequantized weights within 1e-4 relative', async () => {
+    const q = await ffn(h, norm, { w1: w1.quantized, w3: w3.quantized, w2: w2.quantized })
+    const f = await ffn(h, norm, { w1: w1.dense, w3: w3.dense, w2: w2.dense })
+    expect(maxRelError(q, f)).toBeLessThan(1e-4)
+  })
+
+  it('slices rows and 32-column blocks like the dense weight, and refuses a cut inside a block', async () => {
+    // A tensor-parallel share: columns 32..96 of the FFN (rows of W1/W3, columns of W2).
+    const share = (w: { quantized: LinearWeight; dense: LinearWeight }, byRows: boolean) => ({
+      q: byRows ? linearRows(w.quantized, 32, 64) : linearColumns(w.quantized, 32, 64),
+      f: byRows ? linearRows(w.dense, 32, 64) : linearColumns(w.dense, 32, 64),
+    })
+    const [s1, s3, s2] = [share(w1, true), share(w3, true), share(w2, false)]
+    const q = await ffn(h, norm, { w1: s1.q, w3: s3.q, w2: s2.q })
+    const f = await ffn(h, norm, { w1: s1.f, w3: s3.f, w2: s2.f })
+    expect(maxRelError(q, f)).toBeLessThan(1e-4)
+    expect(() => linearColumns(w2.quantized, 16, 32)).toThrow(/columns 16..48 .* not on a 32-column block boundary/)
+  })
+
+  it('dequantizes single rows (embedding lookup) exactly as the GGUF definition', () => {
+    const rows = 3
+    const values = Float32Array.from({ length: rows * DIM }, () => rand())
+    const bytes = quantize(values)
+    const expected = dequantize(bytes, rows * DIM)
+    const w = ggmlToNBits(dtype, bytes, rows, DIM)
+    for (let r = 0; r < rows; r++) expect([...nbitsRowF32(w, r)]).toEqual([...expected.subarray(r * DIM, (r + 1) * DIM)])
+  })
+})
