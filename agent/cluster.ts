@@ -86,8 +86,8 @@ export class Cluster {
   #step = 0
   #failure: Error | null = null
   #closing = false
-  readonly #statsWaiters = new Map<number, (stats: WorkerStats) => void>()
-  readonly #traceWaiters = new Map<number, (frame: Frame) => void>()
+  /** Per worker: the request (`stats`, `trace`) waiting for its reply; rejected if the worker fails first. */
+  readonly #replies = new Map<number, { type: string; resolve: (frame: Frame) => void; reject: (err: Error) => void }>()
   #tracer: TraceRecorder | undefined
   #overheadBytes = 0
 
@@ -265,10 +265,7 @@ export class Cluster {
     const workers = await Promise.all(
       this.#links.map(
         (l) =>
-          new Promise<WorkerStats & { peer: string }>((resolve, reject) => {
-            this.#statsWaiters.set(l.index, (stats) => resolve({ ...stats, peer: l.channel.remotePeer }))
-            this.#send(l, { type: 'stats' }).catch(reject)
-          }),
+          this.#request(l, 'stats').then((frame) => ({ ...(frame.header as unknown as WorkerStats), peer: l.channel.remotePeer })),
       ),
     )
     const t = this.counters.timings
@@ -295,24 +292,19 @@ export class Cluster {
     const tracer = this.#tracer
     if (!tracer) throw new RangeError('cannot collect a trace: the cluster was started without tracing')
     const workers = await Promise.all(
-      this.#links.map(
-        (l) =>
-          new Promise<PeerTrace>((resolve, reject) => {
-            const sentMs = wallClockMs()
-            this.#traceWaiters.set(l.index, (frame) => {
-              const receivedMs = wallClockMs()
-              const h = frame.header as unknown as WorkerTraceHeader
-              const spans = JSON.parse(new TextDecoder().decode(frame.body)) as RecordedSpan[]
-              resolve({
-                peer: l.channel.remotePeer,
-                role: `worker ${l.index}`,
-                trace: { timeOriginMs: h.timeOriginMs, spans },
-                offsetMs: clockOffsetMs(sentMs, h.receivedMs, h.sentMs, receivedMs),
-              })
-            })
-            this.#send(l, { type: 'trace' }).catch(reject)
-          }),
-      ),
+      this.#links.map(async (l): Promise<PeerTrace> => {
+          const sentMs = wallClockMs()
+          const frame = await this.#request(l, 'trace')
+          const receivedMs = wallClockMs()
+          const h = frame.header as unknown as WorkerTraceHeader
+          const spans = JSON.parse(new TextDecoder().decode(frame.body)) as RecordedSpan[]
+          return {
+            peer: l.channel.remotePeer,
+            role: `worker ${l.index}`,
+            trace: { timeOriginMs: h.timeOriginMs, spans },
+            offsetMs: clockOffsetMs(sentMs, h.receivedMs, h.sentMs, receivedMs),
+          }
+        }),
     )
     const master: PeerTrace = { peer: this.#node?.peerId ?? 'master', role: 'master', trace: tracer.take(), offsetMs: 0 }
     return mergeTraces([master, ...workers])
@@ -356,11 +348,9 @@ export class Cluster {
         if (frame.header.type === 'ar') {
           this.#hub?.deliver(link.index - 1, frame)
         } else if (frame.header.type === 'stats') {
-          this.#statsWaiters.get(link.index)?.(frame.header as unknown as WorkerStats)
-          this.#statsWaiters.delete(link.index)
+          this.#reply(link, frame)
         } else if (frame.header.type === 'trace') {
-          this.#traceWaiters.get(link.index)?.(frame)
-          this.#traceWaiters.delete(link.index)
+          this.#reply(link, frame)
         } else if (frame.header.type === 'error') {
           throw new PeerFailedError(
             link.channel.remotePeer,
@@ -384,7 +374,24 @@ export class Cluster {
       log.error('%s', failure.message)
       this.#failure ??= failure
       this.#hub?.fail(link.index - 1, failure)
+      this.#replies.get(link.index)?.reject(failure)
+      this.#replies.delete(link.index)
     }
+  }
+
+  /** Sends a `type` request to one worker and waits for its reply frame of the same type. */
+  #request(link: WorkerLink, type: 'stats' | 'trace'): Promise<Frame> {
+    return new Promise<Frame>((resolve, reject) => {
+      this.#replies.set(link.index, { type, resolve, reject })
+      this.#send(link, { type }).catch(reject)
+    })
+  }
+
+  #reply(link: WorkerLink, frame: Frame): void {
+    const waiting = this.#replies.get(link.index)
+    if (waiting?.type !== frame.header.type) throw new PeerFailedError(link.channel.remotePeer, `worker ${link.index} (${link.address}) sent an unrequested ${frame.header.type} frame`)
+    this.#replies.delete(link.index)
+    waiting.resolve(frame)
   }
 
 }
