@@ -7,6 +7,21 @@ import { type FileHandle, open, rename, rm } from 'node:fs/promises'
 import type { DType } from '../model.ts'
 import { tensorBytes } from '../quant/ggml-blocks.ts'
 import type { GgufArray } from './gguf.ts'
+import {
+  T_ARRAY,
+  T_BOOL,
+  T_FLOAT32,
+  T_FLOAT64,
+  T_INT8,
+  T_INT16,
+  T_INT32,
+  T_INT64,
+  T_STRING,
+  T_UINT8,
+  T_UINT16,
+  T_UINT32,
+  T_UINT64,
+} from './gguf-value-types.ts'
 
 /** Scalar numeric GGUF value types (gguf.md `gguf_metadata_value_type`). */
 export type GgufNumberType = 'u8' | 'i8' | 'u16' | 'i16' | 'u32' | 'i32' | 'f32' | 'u64' | 'i64' | 'f64'
@@ -77,19 +92,6 @@ export interface WriteGgufResult {
 /** ggml type id of each dtype (ggml.h `enum ggml_type`). */
 export const GGML_TYPE_IDS: Readonly<Record<DType, number>> = { f32: 0, f16: 1, q4_0: 2, q8_0: 8, bf16: 30 }
 
-const T_UINT8 = 0
-const T_INT8 = 1
-const T_UINT16 = 2
-const T_INT16 = 3
-const T_UINT32 = 4
-const T_INT32 = 5
-const T_FLOAT32 = 6
-const T_BOOL = 7
-const T_STRING = 8
-const T_ARRAY = 9
-const T_UINT64 = 10
-const T_INT64 = 11
-const T_FLOAT64 = 12
 
 const NUMBER_TYPES: Readonly<Record<GgufNumberType, number>> = {
   u8: T_UINT8,

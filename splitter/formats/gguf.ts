@@ -8,6 +8,21 @@ import { checkTensorShapes } from './canonical-tensors.ts'
 import { QK, tensorBytes } from '../quant/ggml-blocks.ts'
 import { ggufBpeTokenizerJson } from './gguf-bpe-tokenizer.ts'
 import { readFully, withModelFile } from './model-file.ts'
+import {
+  T_ARRAY,
+  T_BOOL,
+  T_FLOAT32,
+  T_FLOAT64,
+  T_INT8,
+  T_INT16,
+  T_INT32,
+  T_INT64,
+  T_STRING,
+  T_UINT8,
+  T_UINT16,
+  T_UINT32,
+  T_UINT64,
+} from './gguf-value-types.ts'
 
 /** A GGUF array value: numeric arrays as typed arrays (64-bit integers as BigInt arrays), others as JS arrays. */
 export type GgufArray =
@@ -115,20 +130,6 @@ const DEFAULT_ALIGNMENT = 32
 /** Initial header read; grows by doubling (real vocabularies make headers of several MB). */
 const INITIAL_READ_BYTES = 1 << 16
 
-/** GGUF metadata value type ids (gguf.md `gguf_metadata_value_type`). */
-const T_UINT8 = 0
-const T_INT8 = 1
-const T_UINT16 = 2
-const T_INT16 = 3
-const T_UINT32 = 4
-const T_INT32 = 5
-const T_FLOAT32 = 6
-const T_BOOL = 7
-const T_STRING = 8
-const T_ARRAY = 9
-const T_UINT64 = 10
-const T_INT64 = 11
-const T_FLOAT64 = 12
 /** Smallest encoded size of one value of each type, bytes (string: its u64 length). Used to bound array counts. */
 const MIN_VALUE_BYTES: Readonly<Record<number, number>> = {
   [T_UINT8]: 1,

@@ -8,7 +8,7 @@
 import onnxProto from 'onnx-proto'
 import { CutError } from './errors.ts'
 import type { GraphAnalysis } from './onnx-graph.ts'
-import { encodeModel } from './onnx-graph.ts'
+import { encodeModel, withGraph } from './onnx-graph.ts'
 import { type Observation, tensorByteLength } from './tensor-types.ts'
 
 const { onnx } = onnxProto
@@ -80,26 +80,12 @@ export function exposeAllTensors(analysis: GraphAnalysis): { model: Uint8Array; 
   const existing = new Set(analysis.outputs)
   const extra: string[] = []
   for (const node of analysis.nodes) for (const w of node.writes) if (!existing.has(w)) extra.push(w)
-  const out = onnx.ModelProto.create({
-    ...modelFields(model),
-    graph: onnx.GraphProto.create({
+  const out = withGraph(
+    model,
+    onnx.GraphProto.create({
       ...graph,
       output: [...(graph.output ?? []), ...extra.map((name) => onnx.ValueInfoProto.create({ name }))],
     }),
-  })
+  )
   return { model: encodeModel(out), tensors: [...analysis.outputs, ...extra] }
-}
-
-function modelFields(model: GraphAnalysis['model']): onnxProto.onnx.IModelProto {
-  return {
-    irVersion: model.irVersion,
-    opsetImport: model.opsetImport,
-    producerName: model.producerName,
-    producerVersion: model.producerVersion,
-    domain: model.domain,
-    modelVersion: model.modelVersion,
-    docString: model.docString,
-    metadataProps: model.metadataProps,
-    functions: model.functions,
-  }
 }

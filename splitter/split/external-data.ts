@@ -6,7 +6,7 @@
  */
 import onnxProto from 'onnx-proto'
 import type { OnnxGraph, OnnxModel } from './onnx-graph.ts'
-import { encodeModel } from './onnx-graph.ts'
+import { encodeModel, withGraph } from './onnx-graph.ts'
 
 const { onnx } = onnxProto
 
@@ -81,17 +81,6 @@ export function toExternalData(model: OnnxModel, location: string, minBytes = 10
     data.set(c, at)
     at += c.byteLength
   }
-  const out = onnx.ModelProto.create({
-    irVersion: model.irVersion,
-    opsetImport: model.opsetImport,
-    producerName: model.producerName,
-    producerVersion: model.producerVersion,
-    domain: model.domain,
-    modelVersion: model.modelVersion,
-    docString: model.docString,
-    metadataProps: model.metadataProps,
-    functions: model.functions,
-    graph: onnx.GraphProto.create({ ...graph, initializer }),
-  })
+  const out = withGraph(model, onnx.GraphProto.create({ ...graph, initializer }))
   return { model: encodeModel(out), data }
 }

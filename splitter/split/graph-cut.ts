@@ -12,7 +12,7 @@
 import onnxProto from 'onnx-proto'
 import { ControlFlowCutError, CutError, LocalFunctionCutError } from './errors.ts'
 import type { GraphAnalysis, GraphNode, OnnxModel, OnnxNode, OnnxValueInfo } from './onnx-graph.ts'
-import { encodeModel } from './onnx-graph.ts'
+import { encodeModel, withGraph } from './onnx-graph.ts'
 import { type ElementType, elementTypeOfCode, type Observation, ONNX_TYPE_CODE } from './tensor-types.ts'
 
 const { onnx } = onnxProto
@@ -202,18 +202,7 @@ function buildModel(
     quantizationAnnotation: (graph.quantizationAnnotation ?? []).filter((a) => written.has(a.tensorName ?? '') || initializers.has(a.tensorName ?? '')),
     ...(graph.docString ? { docString: graph.docString } : {}),
   })
-  const out = onnx.ModelProto.create({
-    irVersion: model.irVersion,
-    opsetImport: model.opsetImport,
-    producerName: model.producerName,
-    producerVersion: model.producerVersion,
-    domain: model.domain,
-    modelVersion: model.modelVersion,
-    docString: model.docString,
-    metadataProps: model.metadataProps,
-    functions: model.functions,
-    graph: sub,
-  })
+  const out = withGraph(model, sub)
   return { bytes: encodeModel(out), externalBytes }
 }
 

@@ -141,6 +141,22 @@ export function encodeModel(model: OnnxModel): Uint8Array {
   return onnx.ModelProto.encode(model).finish()
 }
 
+/** A copy of `model` (IR version, opsets, producer, metadata, functions kept) with `graph` as its main graph. */
+export function withGraph(model: OnnxModel, graph: onnxProto.onnx.IGraphProto): OnnxModel {
+  return onnx.ModelProto.create({
+    irVersion: model.irVersion,
+    opsetImport: model.opsetImport,
+    producerName: model.producerName,
+    producerVersion: model.producerVersion,
+    domain: model.domain,
+    modelVersion: model.modelVersion,
+    docString: model.docString,
+    metadataProps: model.metadataProps,
+    functions: model.functions,
+    graph,
+  })
+}
+
 /**
  * Analyses the main graph of `model` for cutting: topological order, constants, producers and consumers (including
  * outer-scope reads of subgraphs), declared types, and the tensors that live only inside subgraphs or functions.
