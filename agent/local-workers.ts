@@ -1,4 +1,5 @@
-import { type ChildProcess, spawn } from 'node:child_process'
+import { type ChildProcess, spawn, spawnSync } from 'node:child_process'
+import { cpus } from 'node:os'
 import { fileURLToPath } from 'node:url'
 import { logger } from '@libp2p/logger'
 import { PeerFailedError } from './errors.ts'
@@ -32,7 +33,7 @@ process.on('exit', () => {
  */
 export async function spawnLocalWorkers(
   count: number,
-  options: { timeoutMs?: number; signal?: AbortSignal; memoryBudgetBytes?: number } = {},
+  options: { timeoutMs?: number; signal?: AbortSignal; memoryBudgetBytes?: number; pinCores?: boolean } = {},
 ): Promise<LocalWorkers> {
   const processes: ChildProcess[] = []
   const stop = async (graceMs = 2000): Promise<void> => {
@@ -48,6 +49,7 @@ export async function spawnLocalWorkers(
         })
         processes.push(child)
         alive.add(child)
+        if (options.pinCores && child.pid) pinToCore(child.pid, (i + 1) % cpus().length)
         child.once('exit', () => alive.delete(child))
         return readAddress(child, i + 1, options.timeoutMs ?? 30_000, options.signal)
       }),
@@ -101,4 +103,13 @@ function stopChild(child: ChildProcess, graceMs: number): Promise<void> {
     if (graceMs === 0) child.kill('SIGKILL')
     else child.kill('SIGTERM')
   })
+}
+
+/**
+ * Pins process `pid` (all its threads) to CPU `core` with util-linux `taskset -a` (Linux). Where taskset is missing or refuses, the
+ * process stays unpinned and a debug line says so.
+ */
+export function pinToCore(pid: number, core: number): void {
+  const r = spawnSync('taskset', ['-a', '-cp', String(core), String(pid)], { stdio: 'ignore' })
+  if (r.status !== 0) log('could not pin pid %d to core %d (taskset %s)', pid, core, r.error?.message ?? `exit ${r.status}`)
 }

@@ -1,6 +1,6 @@
 /**
  * Decode speed of a quantized model at real scale: TinyLlama-1.1B shape, Q4_0 (synthetic), N = 1 and 2 peers on this
- * machine: decode ms/token, TTFT for a ~128-token prompt, and the weight bytes read per token divided by the time,
+ * machine, each peer pinned to its own core: decode ms/token, TTFT for a ~128-token prompt, and the weight bytes read per token divided by the time,
  * next to the memory bandwidth measured in the same run. Prints JSON. `npm run bench:quantized`.
  */
 import { statSync } from 'node:fs'
@@ -22,7 +22,7 @@ const bandwidth = await memoryBandwidthGBs(cpus().length)
 const rows = []
 for (const peers of [1, 2]) {
   const s = runSummary<{ msPerToken: number; ttftMs: number; promptTokens: number[]; generated: number }>(
-    ['run', '--model', model, '--peers', String(peers), '--prompt', prompt, '--max-tokens', '32', '--context', '512', '--temperature', '0'],
+    ['run', '--model', model, '--peers', String(peers), '--prompt', prompt, '--max-tokens', '32', '--context', '512', '--temperature', '0', '--pin-cores'],
     `quantized-${peers}`,
   )
   const gbs = weightBytesPerToken / (s.msPerToken / 1000) / 1e9

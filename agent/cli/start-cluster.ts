@@ -10,7 +10,7 @@ import { loadModel, type ModelDescription } from '../../splitter/index.ts'
 import { Cluster, planCluster } from '../cluster.ts'
 import { discoverAgents } from '../discovery.ts'
 import { DiscoveryError, UsageError } from '../errors.ts'
-import { type LocalWorkers, spawnLocalWorkers } from '../local-workers.ts'
+import { type LocalWorkers, pinToCore, spawnLocalWorkers } from '../local-workers.ts'
 import type { AgentProbe } from '../peer-info.ts'
 import { loadTokenizer, type MasterTokenizer } from '../tokenizer/load-tokenizer.ts'
 import { byteSize, collect, wholeNumber } from './arguments.ts'
@@ -35,6 +35,8 @@ export interface ClusterFlags {
   threads?: number
   context?: number
   memoryBudget?: number
+  /** `--pin-cores`: local peers each on their own core (master on core 0, worker i on core i mod cores). */
+  pinCores?: boolean
   quiet?: boolean
   /** `--trace FILE.json`: Chrome trace events of every peer, written when the cluster stops. */
   trace?: string
@@ -61,6 +63,7 @@ export function addClusterOptions(command: Command): Command {
     .addOption(
       new Option('--memory-budget <bytes>', 'weights + KV cache per peer (e.g. 512MB, 2GiB); larger shards stream from disk').argParser(byteSize),
     )
+    .option('--pin-cores', 'pin each local peer to its own core (Linux taskset; master on core 0)')
     .option('--quiet', 'no status lines or progress bars on stderr')
     .option('--trace <file>', 'write Chrome trace events of every peer (compute, allreduce, I/O, network, tokens) to this JSON file on exit')
 }
@@ -119,9 +122,10 @@ export async function startCluster(flags: ClusterFlags): Promise<StartedCluster>
     let addresses: readonly string[] = workerAddrs ?? []
     if (!workerAddrs && nPeers > 1) {
       progress.line(`starting ${nPeers - 1} local worker${nPeers > 2 ? 's' : ''}`)
-      local = await spawnLocalWorkers(nPeers - 1, budget)
+      local = await spawnLocalWorkers(nPeers - 1, { ...budget, ...(flags.pinCores ? { pinCores: true } : {}) })
       addresses = local.addresses
     }
+    if (flags.pinCores) pinToCore(process.pid, 0)
     const loadStart = performance.now()
     const cluster = await Cluster.start(model, {
       workers: addresses,
