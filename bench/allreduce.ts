@@ -5,12 +5,17 @@
  *
  * Every process runs the allreduce in a loop with no compute in between; the hub process times each of its rounds
  * (from one sum sent to the next sum sent = the sum's hop to the workers, their turnaround, the partials' hop back,
- * the summation). Prints one JSON document: per (path, processes, f32 count) the median / p90 / p99 round in ms and
- * the ratio to the floor's median, with the load average before and after.
+ * the summation). Paths run interleaved, `--repeats` passes, times pooled. Prints one JSON document: per (path,
+ * processes, f32 count) the median / p90 / p99 round in ms, the ratio to the floor's median, and the CPU time per
+ * round (µs, user + system) of the hub and of all processes — the load-robust cost, and the one that sets latency
+ * when peers share cores — with the load average before and after. `edgeshard-f16` sends f16 on the wire
+ * (`maxAbsError` against the exact f32 sum).
  *
- * Usage: `npm run bench:allreduce [-- --rounds 2000 --procs 2,4 --sizes 2048,8192 --paths raw,edgeshard,edgeshard-f16
- * --diagnose]`. `--diagnose` adds libp2p variants that locate the cost (measurement only, never used by edgeshard):
- * the stock noise crypto, a null cipher (noise framing without encryption), and the stock yamux/socket settings.
+ * Usage: `npm run bench:allreduce [-- --rounds 1000 --repeats 2 --procs 2,4 --sizes 2048,8192
+ * --paths raw,edgeshard,edgeshard-f16 --diagnose --child-node-args="--cpu-prof --cpu-prof-dir=/tmp/prof"]`.
+ * `--diagnose` adds libp2p variants that locate the cost (measurement only, see allreduce-diagnostics.ts): the stock
+ * stack edgeshard used before (`libp2p-stock`), edgeshard's node with the library's default noise crypto, without
+ * batched yamux window updates, and with a null cipher (noise framing, no encryption).
  */
 import { type ChildProcess, fork } from 'node:child_process'
 import { createServer, type Socket, connect as tcpConnect } from 'node:net'
