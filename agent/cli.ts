@@ -122,7 +122,6 @@ async function agent(flags: { listen: string[]; exitWithParent?: boolean; memory
 
 const program = new Command('edgeshard')
   .description('Run one model across several small devices: tensor-parallel inference over libp2p')
-  .showHelpAfterError()
   .exitOverride()
 
 const runCommand = program
