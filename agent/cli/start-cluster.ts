@@ -125,7 +125,8 @@ export async function startCluster(flags: ClusterFlags): Promise<StartedCluster>
       local = await spawnLocalWorkers(nPeers - 1, { ...budget, ...(flags.pinCores ? { pinCores: true } : {}) })
       addresses = local.addresses
     }
-    if (flags.pinCores) pinToCore(process.pid, 0)
+    // A lone master keeps every core for its onnxruntime threads; with local workers each peer gets its own core.
+    if (flags.pinCores && local) pinToCore(process.pid, 0)
     const loadStart = performance.now()
     const cluster = await Cluster.start(model, {
       workers: addresses,
