@@ -4,16 +4,12 @@ import { buildFfnBlock, ggmlToNBits, linearColumns, linearRows, nbitsRowF32, toL
 import type { LinearWeight } from '../../splitter/index.ts'
 import { Session } from '../../agent/runtime.ts'
 import { linearFeeds } from '../../agent/shard-runner.ts'
+import { seededRandom } from '../support/random.ts'
 
+/** Uniform in [-0.5, 0.5), seeded. */
 function seeded(seed: number): () => number {
-  let s = seed >>> 0
-  return () => {
-    s = (s + 0x6d2b79f5) >>> 0
-    let t = s
-    t = Math.imul(t ^ (t >>> 15), t | 1)
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61)
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296 - 0.5
-  }
+  const random = seededRandom(seed)
+  return () => random() - 0.5
 }
 
 const DIM = 64

@@ -9,17 +9,7 @@ import {
   TransportNode,
 } from '../../transport/index.ts'
 
-/** mulberry32: a tiny seeded PRNG, uniform in [0, 1). */
-export function seededRandom(seed: number): () => number {
-  let a = seed >>> 0
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0
-    let t = a
-    t = Math.imul(t ^ (t >>> 15), t | 1)
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61)
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296
-  }
-}
+export { seededRandom } from '../support/random.ts'
 
 /** Uniform integer in [lo, hi]. */
 export function randomInt(random: () => number, lo: number, hi: number): number {
