@@ -56,6 +56,8 @@ export interface ClusterOptions {
   readonly memoryBudgetBytes?: number
   /** Where the master writes its shard file in sliding-window mode (default: a folder under the OS temp dir). */
   readonly shardDir?: string
+  /** Activations of Q4_0/Q8_0 matmuls: 'exact' f32 (default) or 'int8' blocks (llama.cpp's arithmetic, faster). */
+  readonly quantizedMatmul?: 'exact' | 'int8'
   /** Called after each layer has been sliced and sent to every peer (for progress bars). */
   readonly onLayerDistributed?: (layer: number, layers: number) => void
   /** Record trace spans on every peer (see trace.ts and {@link Cluster.trace}). Default false. */
@@ -118,7 +120,7 @@ export class Cluster {
    *   PeerFailedError when a worker refuses its shard.
    */
   static async start(model: ModelDescription, options: ClusterOptions): Promise<Cluster> {
-    const plan = planCluster(model, options.workers.length + 1)
+    const plan = planCluster(model, options.workers.length + 1, options.quantizedMatmul)
     const source = new ModelWeights(model)
     let node: TransportNode | null = null
     const links: WorkerLink[] = []
@@ -179,7 +181,13 @@ export class Cluster {
       const head = await Session.create(
         'output_head',
         buildOutputHead(
-          { dim: model.config.dim, vocabSize: model.config.vocabSize, normEps: model.config.normEps, bits: classifier.bits },
+          {
+            dim: model.config.dim,
+            vocabSize: model.config.vocabSize,
+            normEps: model.config.normEps,
+            bits: classifier.bits,
+            quantizedMatmul: plan.quantizedMatmul,
+          },
           asConstants({
             output_norm: { data: source.vector('output_norm.weight'), dims: [model.config.dim] },
             ...linearFeeds('wcls', classifier),
@@ -460,8 +468,8 @@ class ModelWeights implements WeightSource {
  * Pure: call it before starting any process to refuse an impossible plan early.
  * @throws RangeError naming the numbers (see `planTensorParallel`).
  */
-export function planCluster(model: ModelDescription, nPeers: number): TensorParallelPlan {
-  return planTensorParallel(model.config, nPeers, planConstraints(model))
+export function planCluster(model: ModelDescription, nPeers: number, quantizedMatmul: 'exact' | 'int8' = 'exact'): TensorParallelPlan {
+  return planTensorParallel(model.config, nPeers, { ...planConstraints(model), quantizedMatmul })
 }
 
 /** Block constraints of the plan from how W2 and Wo are stored (quantized ones cut only on 32-column blocks). */

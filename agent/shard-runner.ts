@@ -119,8 +119,9 @@ export class ShardRunner {
       ropeStyle: m.ropeStyle,
       qkvBias: m.qkvBias,
       bits: a0,
+      quantizedMatmul: plan.quantizedMatmul,
     }
-    const ffnShape = f0 && { dim: m.dim, columns: shard.ffnColumns.count, normEps: m.normEps, bits: f0 }
+    const ffnShape = f0 && { dim: m.dim, columns: shard.ffnColumns.count, normEps: m.normEps, bits: f0, quantizedMatmul: plan.quantizedMatmul }
     const window = store.window
     if (store instanceof ResidentStore) {
       // Resident: one session per layer and block with the weights baked in as initializers (ORT pre-packs them;

@@ -49,6 +49,8 @@ export interface TensorParallelPlan {
   readonly shards: readonly ShardSpec[]
   /** Allreduces of one layer, in order. */
   readonly syncPoints: readonly ['attention', 'ffn']
+  /** Activations of quantized matmuls on every peer: 'exact' f32 or 'int8' blocks (llama.cpp's arithmetic). */
+  readonly quantizedMatmul: 'exact' | 'int8'
 }
 
 /** Options of {@link planTensorParallel}. */
@@ -65,6 +67,8 @@ export interface TensorParallelOptions {
    * multiple of it. Default 1 (32 when Wo is block-quantized).
    */
   readonly attentionBlock?: number
+  /** See `TensorParallelPlan.quantizedMatmul`. Default 'exact'. */
+  readonly quantizedMatmul?: 'exact' | 'int8'
 }
 
 /**
@@ -164,5 +168,6 @@ export function planTensorParallel(config: LlamaConfig, nPeers: number, options:
     ffnBlock,
     shards,
     syncPoints: ['attention', 'ffn'],
+    quantizedMatmul: options.quantizedMatmul ?? 'exact',
   }
 }

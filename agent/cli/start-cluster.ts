@@ -35,6 +35,8 @@ export interface ClusterFlags {
   threads?: number
   context?: number
   memoryBudget?: number
+  /** `--quantized-matmul exact|int8`. */
+  quantizedMatmul?: 'exact' | 'int8'
   /** `--pin-cores`: local peers each on their own core (master on core 0, worker i on core i mod cores). */
   pinCores?: boolean
   quiet?: boolean
@@ -62,6 +64,11 @@ export function addClusterOptions(command: Command): Command {
     .addOption(new Option('--threads <n>', 'onnxruntime threads per peer (default: cores / local peers)').argParser(wholeNumber(1)))
     .addOption(
       new Option('--memory-budget <bytes>', 'weights + KV cache per peer (e.g. 512MB, 2GiB); larger shards stream from disk').argParser(byteSize),
+    )
+    .addOption(
+      new Option('--quantized-matmul <mode>', 'activations of Q4_0/Q8_0 matmuls: exact f32, or int8 blocks as llama.cpp (faster)')
+        .choices(['exact', 'int8'])
+        .default('exact'),
     )
     .option('--pin-cores', 'pin each local peer to its own core (Linux taskset; master on core 0)')
     .option('--quiet', 'no status lines or progress bars on stderr')
@@ -131,6 +138,7 @@ export async function startCluster(flags: ClusterFlags): Promise<StartedCluster>
     const cluster = await Cluster.start(model, {
       workers: addresses,
       threads,
+      ...(flags.quantizedMatmul ? { quantizedMatmul: flags.quantizedMatmul } : {}),
       ...budget,
       ...(flags.trace ? { trace: true } : {}),
       onLayerDistributed: (layer, layers) => progress.layerDistributed(layer, layers),
