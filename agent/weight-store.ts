@@ -3,7 +3,7 @@ import { type FileHandle, mkdir, open, readFile, rename, rm, writeFile } from 'n
 import { join } from 'node:path'
 import { logger } from '@libp2p/logger'
 import type { AttentionShardWeights, FfnShardWeights, LayerShardWeights, LinearWeight, WeightBits } from '../splitter/index.ts'
-import { tensorBodyBytes, type WeightName } from './protocol.ts'
+import type { WeightName } from './protocol.ts'
 
 const log = logger('edgeshard:agent:weights')
 
@@ -373,16 +373,6 @@ function layoutFromIndex(index: ShardIndex): BlockLayout {
   }
 }
 
-/** Bytes of one layer's blocks for a shard, from its weights (for deciding resident vs streaming). */
-export function shardBytes(weights: readonly LayerShardWeights[]): number {
-  let total = 0
-  const lin = (w: LinearWeight): number => tensorBodyBytes(w.bits, w.rows, w.cols)
-  for (const w of weights) {
-    if (w.attention) total += lin(w.attention.wq) + lin(w.attention.wk) + lin(w.attention.wv) + lin(w.attention.wo)
-    if (w.ffn) total += lin(w.ffn.w1) + lin(w.ffn.w3) + lin(w.ffn.w2)
-  }
-  return total
-}
 
 /**
  * Opens a shard directory: all blocks resident when the budget holds the whole shard plus the KV cache, otherwise
