@@ -144,9 +144,9 @@ export class Cluster {
       const budget = options.memoryBudgetBytes
       const shardDir = options.shardDir ?? defaultShardDir('master')
       if (budget !== undefined) writer = await ShardFileWriter.create(shardDir)
-      const own: LayerShardWeights[] = []
+      const own: LayerShardWeights[] = Array.from({ length: plan.model.nLayers }, () => ({ attention: null, ffn: null }))
       const sent = links.map(() => 0)
-      for (let layer = 0; layer < plan.model.nLayers; layer++) {
+      for (let layer = plan.layers.start; layer < plan.layers.start + plan.layers.count; layer++) {
         await Promise.all(
           links.map(async (link, i) => {
             for (const t of encodeLayerShard(sliceLayerShard(plan.model, plan.shards[link.index]!, layer, source))) {
@@ -159,7 +159,7 @@ export class Cluster {
         if (writer) {
           for (const t of encodeLayerShard(mine)) await writer.add(layer, t.name, t.bits, t.rows, t.cols, t.body)
         } else {
-          own.push(ownedLayerShard(mine))
+          own[layer] = ownedLayerShard(mine)
         }
         source.clearLayer(layer)
         options.onLayerDistributed?.(layer, plan.model.nLayers)
@@ -258,7 +258,7 @@ export class Cluster {
     } catch (err) {
       throw this.#failure ?? err
     }
-    this.counters.allreduces += this.#links.length > 0 ? 2 * this.plan.model.nLayers : 0
+    this.counters.allreduces += this.#links.length > 0 ? 2 * this.plan.layers.count : 0
     const rows = allLogits ? x : x.subarray(x.length - dim)
     const out = await this.#head.run({ x: { data: rows, dims: [rows.length / dim, dim] } })
     return out.logits!.data as Float32Array

@@ -99,6 +99,11 @@ export function parseMasterMessage(h: Record<string, unknown>): MasterMessage {
       }
       const shardIndex = int(h, 'shardIndex', 1)
       if (shardIndex >= plan.shards.length) throw new ProtocolError(`frame plan: shard ${shardIndex} is not in a plan of ${plan.shards.length}`)
+      const { start, count } = plan.layers ?? {}
+      const nLayers = plan.model?.nLayers
+      if (!Number.isInteger(start) || !Number.isInteger(count) || start! < 0 || count! < 1 || !Number.isInteger(nLayers) || start! + count! > nLayers) {
+        throw new ProtocolError(`frame plan: layers ${JSON.stringify(plan.layers)} are not a range inside the model's ${JSON.stringify(nLayers)} layers`)
+      }
       if (h.trace !== undefined && typeof h.trace !== 'boolean') throw new ProtocolError(`frame plan: field trace must be a boolean, got ${JSON.stringify(h.trace)}`)
       return { type: 'plan', plan, shardIndex, threads: int(h, 'threads', 1), ...(h.trace ? { trace: true } : {}) }
     }

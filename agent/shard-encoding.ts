@@ -72,7 +72,7 @@ export function ownedLayerShard(w: LayerShardWeights): LayerShardWeights {
 export function kvCacheBytes(plan: TensorParallelPlan, shardIndex: number): number {
   const m = plan.model
   const perLayer = 2 * plan.shards[shardIndex]!.kvHeads.count * m.headDim * m.maxSeqLen * 4
-  return perLayer * (m.nLayers + 1)
+  return perLayer * (plan.layers.count + 1)
 }
 
 /** Default directory for a peer's shard files (sliding-window mode). */

@@ -91,15 +91,17 @@ export class ShardRunner {
       const layers = weights as readonly LayerShardWeights[]
       if (layers.length !== m.nLayers) throw new RangeError(`cannot run shard ${shardIndex}: ${layers.length} layers of weights, plan has ${m.nLayers}`)
       // One session per block kind serves every layer (the weights are inputs), so layers must agree on storage.
-      const a0 = layers[0]?.attention
-      const f0 = layers[0]?.ffn
-      for (const [layer, w] of layers.entries()) {
+      const first = plan.layers.start
+      const a0 = layers[first]?.attention
+      const f0 = layers[first]?.ffn
+      for (let layer = first; layer < first + plan.layers.count; layer++) {
+        const w = layers[layer]!
         if ((w.attention === null) !== (shard.kvHeads.count === 0) || (w.ffn === null) !== (shard.ffnColumns.count === 0)) {
           throw new RangeError(`cannot run shard ${shardIndex}: layer ${layer} weights do not match the plan's shares`)
         }
         const sameA = !a0 || (w.attention && (['wq', 'wk', 'wv', 'wo'] as const).every((n) => w.attention![n].bits === a0[n].bits))
         const sameF = !f0 || (w.ffn && (['w1', 'w3', 'w2'] as const).every((n) => w.ffn![n].bits === f0[n].bits))
-        if (!sameA || !sameF) throw new RangeError(`cannot run shard ${shardIndex}: layer ${layer} stores its weights differently from layer 0`)
+        if (!sameA || !sameF) throw new RangeError(`cannot run shard ${shardIndex}: layer ${layer} stores its weights differently from layer ${first}`)
       }
       store = new ResidentStore(layers)
     } else {
@@ -126,9 +128,9 @@ export class ShardRunner {
     if (store instanceof ResidentStore) {
       // Resident: one session per layer and block with the weights baked in as initializers (ORT pre-packs them;
       // MatMulNBits is ~400× slower with B as an input). Our copies are dropped once ORT holds its own.
-      const attention: (Session | null)[] = []
-      const ffn: (Session | null)[] = []
-      for (let layer = 0; layer < m.nLayers; layer++) {
+      const attention: (Session | null)[] = Array.from({ length: plan.layers.start }, () => null)
+      const ffn: (Session | null)[] = Array.from({ length: plan.layers.start }, () => null)
+      for (let layer = plan.layers.start; layer < plan.layers.start + plan.layers.count; layer++) {
         attention.push(
           attentionShape
             ? await Session.create(`attention ${layer}`, buildAttentionBlock(attentionShape, asConstants(attentionWeightFeeds(await store.attention(layer)))), options)
@@ -164,7 +166,7 @@ export class ShardRunner {
   }
 
   /**
-   * Runs all layers on `x` [seq, dim] f32 (positions pos0..pos0+seq-1, pos0 = cachedLength) in place and returns it.
+   * Runs the plan's layers (`plan.layers`, all of them for pure tensor parallelism) on `x` [seq, dim] f32 (positions pos0..pos0+seq-1, pos0 = cachedLength) in place and returns it.
    * Every peer of the plan must call this with the same `step`, `pos0` and `x`.
    * @param tracer when given, records per layer `attention` / `ffn` (compute), `allreduce` (wait) and, streaming
    *   weights, `weights` (I/O) spans, plus one `forward` span around them.
@@ -189,7 +191,7 @@ export class ShardRunner {
     const store = this.#store
     const io0 = store?.ioWaitMs ?? 0
     const forwardStart = tracer ? now() : 0
-    for (let layer = 0; layer < m.nLayers; layer++) {
+    for (let layer = this.plan.layers.start; layer < this.plan.layers.start + this.plan.layers.count; layer++) {
       let partial: Float32Array | null = null
       let t0 = now()
       const attention = this.#attention[layer]

@@ -135,7 +135,10 @@ export class WorkerAgent {
           case 'tensor': {
             if (!plan) throw new RangeError('tensor frame before the plan')
             const layer = layers[msg.layer]
-            if (!layer) throw new RangeError(`tensor for layer ${msg.layer}: the plan has ${plan.model.nLayers} layers`)
+            const { start, count } = plan.layers
+            if (!layer || msg.layer < start || msg.layer >= start + count) {
+              throw new RangeError(`tensor for layer ${msg.layer}: the plan runs layers ${start}..${start + count}`)
+            }
             if (writer) {
               const expected = tensorBodyBytes(msg.bits, msg.rows, msg.cols)
               if (frame.body.byteLength !== expected) throw new RangeError(`tensor ${msg.name}: ${frame.body.byteLength} bytes, expected ${expected}`)

@@ -44,6 +44,11 @@ export interface TensorParallelPlan {
   readonly kind: 'tensor-parallel'
   readonly version: 1
   readonly model: PlanModelShape
+  /**
+   * Decoder layers the plan's peers run: [layers.start, layers.start + layers.count). All layers for a pure
+   * tensor-parallel plan; one stage's range in a pipeline or hybrid plan (the other stages run the rest).
+   */
+  readonly layers: UnitRange
   /** Granularity of FFN shares in columns (1 for f32/f16; the quantization block for Q4_0/Q8_0). */
   readonly ffnBlock: number
   readonly shards: readonly ShardSpec[]
@@ -69,6 +74,8 @@ export interface TensorParallelOptions {
   readonly attentionBlock?: number
   /** See `TensorParallelPlan.quantizedMatmul`. Default 'exact'. */
   readonly quantizedMatmul?: 'exact' | 'int8'
+  /** Layers the plan covers (a pipeline stage's range). Default: all layers. */
+  readonly layers?: UnitRange
 }
 
 /**
@@ -138,6 +145,10 @@ export function planTensorParallel(config: LlamaConfig, nPeers: number, options:
     heads: { start: k.start * group, count: k.count * group },
     ffnColumns: ffn[index]!,
   }))
+  const layers = options.layers ?? { start: 0, count: config.nLayers }
+  if (!Number.isInteger(layers.start) || !Number.isInteger(layers.count) || layers.start < 0 || layers.count < 1 || layers.start + layers.count > config.nLayers) {
+    throw new RangeError(`cannot plan layers ${layers.start}..${layers.start + layers.count}: the model has layers 0..${config.nLayers}`)
+  }
   const attentionBlock = options.attentionBlock ?? 1
   for (const s of shards) {
     const start = s.heads.start * config.headDim
@@ -165,6 +176,7 @@ export function planTensorParallel(config: LlamaConfig, nPeers: number, options:
       maxSeqLen: config.maxSeqLen,
       qkvBias: config.qkvBias ?? false,
     },
+    layers: { start: layers.start, count: layers.count },
     ffnBlock,
     shards,
     syncPoints: ['attention', 'ffn'],

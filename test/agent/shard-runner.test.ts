@@ -26,8 +26,14 @@ function source(model: ModelDescription): WeightSource {
   }
 }
 
-async function hiddenStates(model: ModelDescription, peers: number, tokens: readonly number[]): Promise<Float32Array> {
-  const plan = planTensorParallel(model.config, peers)
+async function hiddenStates(
+  model: ModelDescription,
+  peers: number,
+  tokens: readonly number[],
+  layers = { start: 0, count: model.config.nLayers },
+  input?: Float32Array,
+): Promise<Float32Array> {
+  const plan = planTensorParallel(model.config, peers, { layers })
   const src = source(model)
   const runners = await Promise.all(
     plan.shards.map((shard) =>
@@ -41,8 +47,8 @@ async function hiddenStates(model: ModelDescription, peers: number, tokens: read
   const allreduce = createInProcessAllreduce(peers)
   const { dim } = model.config
   const embedding = readTensorF32(model, 'token_embd.weight')
-  const x = new Float32Array(tokens.length * dim)
-  for (const [i, t] of tokens.entries()) x.set(embedding.subarray(t * dim, (t + 1) * dim), i * dim)
+  const x = input ?? new Float32Array(tokens.length * dim)
+  if (!input) for (const [i, t] of tokens.entries()) x.set(embedding.subarray(t * dim, (t + 1) * dim), i * dim)
   const outs = await Promise.all(runners.map((r, i) => r.forward(x.slice(), 0, 0, allreduce[i]!)))
   for (const out of outs.slice(1)) expect(out).toEqual(outs[0]) // every peer ends with the same hidden state
   await Promise.all(runners.map((r) => r.release()))
@@ -59,6 +65,21 @@ describe.skipIf(!HAVE_MODELS)('ShardRunner with the in-process allreduce', () =>
       let maxAbs = 0
       for (let i = 0; i < single.length; i++) maxAbs = Math.max(maxAbs, Math.abs(single[i]! - split[i]!))
       expect(maxAbs).toBeLessThan(1e-4)
+    }
+  })
+
+  it('runs a layer range per stage: stages chained (pipeline and hybrid shapes) match the whole model within 1e-4', async () => {
+    const model = loadModel(join(MODELS_DIR, 'stories260K.bin'))
+    const tokens = referenceCases()[1]!.prompt_tokens
+    const single = await hiddenStates(model, 1, tokens)
+    // Pipeline: 1 peer per stage over layers 0..2 and 2..5; hybrid: 2 tensor-parallel peers, then 3.
+    for (const peers of [[1, 1], [2, 3]] as const) {
+      const first = await hiddenStates(model, peers[0], tokens, { start: 0, count: 2 })
+      const second = await hiddenStates(model, peers[1], tokens, { start: 2, count: 3 }, first)
+      let maxAbs = 0
+      for (let i = 0; i < single.length; i++) maxAbs = Math.max(maxAbs, Math.abs(single[i]! - second[i]!))
+      expect(maxAbs).toBeLessThan(1e-4)
+      expect(second).not.toEqual(first)
     }
   })
 
