@@ -66,9 +66,9 @@ export function addClusterOptions(command: Command): Command {
       new Option('--memory-budget <bytes>', 'weights + KV cache per peer (e.g. 512MB, 2GiB); larger shards stream from disk').argParser(byteSize),
     )
     .addOption(
-      new Option('--quantized-matmul <mode>', 'activations of Q4_0/Q8_0 matmuls: exact f32, or int8 blocks as llama.cpp (faster)')
+      new Option('--quantized-matmul <mode>', 'activations of Q4_0/Q8_0 matmuls: int8 blocks as llama.cpp (faster), or exact f32')
         .choices(['exact', 'int8'])
-        .default('exact'),
+        .default('int8'),
     )
     .option('--pin-cores', 'pin each local peer to its own core (Linux taskset; master on core 0)')
     .option('--quiet', 'no status lines or progress bars on stderr')

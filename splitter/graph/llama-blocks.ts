@@ -77,8 +77,16 @@ export function buildAttentionBlock(shape: AttentionShardShape, constants?: Grap
   const normW = param(g, constants, 'attn_norm', 'float32', [dim])
 
   const xn = rmsNorm(g, x, normW, normEps)
+  // Baked weights of one storage: a single matmul over [wq; wk; wv] (rows stacked), split into Q, K and V.
+  let fusedQkv: readonly string[] | null = null
+  if (constants?.wq && constants.wk && constants.wv && bits.wq === bits.wk && bits.wq === bits.wv) {
+    const qkvRows = (heads + 2 * kvHeads) * headDim
+    const qkv = linear(g, concatRows(constants, 'wqkv', ['wq', 'wk', 'wv'], bits.wq), xn, 'wqkv', qkvRows, dim, bits.wq, shape.quantizedMatmul)
+    const sizes = g.i64('split', [heads * headDim, kvHeads * headDim, kvHeads * headDim])
+    fusedQkv = g.node('Split', [qkv, sizes], { attrs: { axis: -1 }, nOutputs: 3 })
+  }
   const project = (name: 'wq' | 'wk' | 'wv', n: number, biasName: string): string => {
-    const y = linear(g, constants, xn, name, n * headDim, dim, bits[name], shape.quantizedMatmul)
+    const y = fusedQkv ? fusedQkv[['wq', 'wk', 'wv'].indexOf(name)]! : linear(g, constants, xn, name, n * headDim, dim, bits[name], shape.quantizedMatmul)
     return shape.qkvBias ? g.op('Add', [y, param(g, constants, biasName, 'float32', [n * headDim])]) : y
   }
   // [seq, n*headDim] -> [n, seq, headDim]
@@ -109,6 +117,26 @@ export function buildAttentionBlock(shape: AttentionShardShape, constants?: Grap
   g.output(presentK, 'present_k', 'float32', [kvHeads, 'total', headDim])
   g.output(presentV, 'present_v', 'float32', [kvHeads, 'total', headDim])
   return g.toBytes()
+}
+
+/**
+ * Constants with linear weights `parts` stacked along their output rows as `name` (dense: f32 rows; quantized: the
+ * MatMulNBits blobs [rows, blocks, bytes] and `_scales` [rows·blocks] are row-major, so stacking is concatenation).
+ */
+function concatRows(constants: GraphConstants, name: string, parts: readonly string[], bits: WeightBits): GraphConstants {
+  const stack = (names: readonly string[]): { data: Float32Array | Uint8Array; dims: number[] } => {
+    const items = names.map((n) => constants[n]!)
+    const length = items.reduce((a, t) => a + t.data.length, 0)
+    const data = items[0]!.data instanceof Float32Array ? new Float32Array(length) : new Uint8Array(length)
+    let offset = 0
+    for (const t of items) {
+      data.set(t.data, offset)
+      offset += t.data.length
+    }
+    return { data, dims: [items.reduce((a, t) => a + t.dims[0]!, 0), ...items[0]!.dims.slice(1)] }
+  }
+  if (bits === 32) return { ...constants, [name]: stack(parts) }
+  return { ...constants, [name]: stack(parts), [`${name}_scales`]: stack(parts.map((p) => `${p}_scales`)) }
 }
 
 /** Shape of one peer's FFN share. */
