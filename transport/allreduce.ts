@@ -16,7 +16,7 @@
  * hold bitwise identical sums.
  */
 import { logger } from '@libp2p/logger'
-import { AllreduceError, FrameError, PeerGoneError } from './errors.ts'
+import { AllreduceError, FrameError, PeerGoneError, PeerStalledError } from './errors.ts'
 import { addF16Into, decodeF16, encodeF16, roundToF16InPlace } from './f16.ts'
 import type { Frame, FrameHeader } from './frame.ts'
 import { f32Body } from './frame.ts'
@@ -36,12 +36,23 @@ export type WireDtype = 'f32' | 'f16'
 export interface StarAllreduceOptions {
   /** Element type this side sends. Default `'f32'`. */
   wireDtype?: WireDtype
+  /**
+   * Hub only: how long an allreduce waits for the members' partials once the hub has its own, ms; a member still
+   * missing then fails the round with PeerStalledError naming it. Default: no deadline.
+   */
+  deadlineMs?: number
 }
 
 function checkWireDtype(dtype: unknown): WireDtype {
   if (dtype === undefined || dtype === 'f32') return 'f32'
   if (dtype === 'f16') return 'f16'
   throw new TypeError(`invalid allreduce wireDtype ${JSON.stringify(dtype)}: must be 'f32' or 'f16'`)
+}
+
+function checkDeadline(ms: unknown): number | undefined {
+  if (ms === undefined) return undefined
+  if (typeof ms !== 'number' || !Number.isFinite(ms) || ms <= 0) throw new TypeError(`invalid allreduce deadlineMs ${JSON.stringify(ms)}: must be a number > 0`)
+  return ms
 }
 
 function arHeader(tag: number, dtype: WireDtype): FrameHeader {
@@ -52,6 +63,8 @@ function arHeader(tag: number, dtype: WireDtype): FrameHeader {
 export interface AllreduceOptions {
   /** Abandons the wait (the promise rejects with `signal.reason`). */
   signal?: AbortSignal
+  /** Hub only: this round's deadline for the members' partials, ms (overrides `StarAllreduceOptions.deadlineMs`). */
+  deadlineMs?: number
 }
 
 /**
@@ -184,6 +197,7 @@ export class StarAllreduceHub implements Allreduce {
   private readonly links: readonly AllreduceLink[]
   private readonly wireDtype: WireDtype
   private readonly rounds = new Map<number, HubRound>()
+  private readonly deadlineMs: number | undefined
   private failure: PeerGoneError | undefined
 
   /**
@@ -194,6 +208,7 @@ export class StarAllreduceHub implements Allreduce {
   constructor(links: readonly AllreduceLink[], options: StarAllreduceOptions = {}) {
     this.links = [...links]
     this.wireDtype = checkWireDtype(options.wireDtype)
+    this.deadlineMs = checkDeadline(options.deadlineMs)
   }
 
   /**
@@ -201,7 +216,8 @@ export class StarAllreduceHub implements Allreduce {
    * send the sum to every member (one frame each, the same body bytes), and return the sum as the members get it
    * (with f16 on the wire: rounded to f16), in an array of the caller's own.
    * @throws AllreduceError on mismatched lengths (naming the peer and lengths), a duplicate call for a pending tag,
-   *   or no contribution at all; PeerGoneError after `fail`; a send error; `signal.reason`
+   *   or no contribution at all; PeerGoneError after `fail`; PeerStalledError naming the first member whose partial
+   *   is missing at the deadline; a send error; `signal.reason`
    */
   async allreduce(tag: number, own: Float32Array | null, opts: AllreduceOptions = {}): Promise<Float32Array> {
     checkTag(tag)
@@ -211,16 +227,33 @@ export class StarAllreduceHub implements Allreduce {
     if (round.waiter !== undefined) {
       throw new AllreduceError(`cannot start allreduce for tag ${tag} on the hub: one is already pending`)
     }
-    const sum = await waitAbortable<Float32Array>(
-      opts.signal,
-      (resolve, reject) => {
-        round.waiter = { own, resolve, reject }
-        this.tryComplete(tag, round)
-      },
-      () => {
-        round.waiter = undefined
-      },
-    )
+    const deadlineMs = checkDeadline(opts.deadlineMs) ?? this.deadlineMs
+    let timer: ReturnType<typeof setTimeout> | undefined
+    let sum: Float32Array
+    try {
+      sum = await waitAbortable<Float32Array>(
+        opts.signal,
+        (resolve, reject) => {
+          round.waiter = { own, resolve, reject }
+          this.tryComplete(tag, round)
+          if (round.waiter !== undefined && deadlineMs !== undefined) {
+            timer = setTimeout(() => {
+              if (round.waiter === undefined) return
+              const missing = round.partials.findIndex((p) => p === undefined)
+              const peer = this.links[missing]?.peer ?? 'unknown'
+              round.waiter = undefined
+              this.rounds.delete(tag)
+              reject(new PeerStalledError(peer, `allreduce member ${missing} (peer ${peer}) sent no partial for tag ${tag} within ${deadlineMs} ms`))
+            }, deadlineMs)
+          }
+        },
+        () => {
+          round.waiter = undefined
+        },
+      )
+    } finally {
+      clearTimeout(timer)
+    }
     const header = arHeader(tag, this.wireDtype)
     if (this.wireDtype === 'f16' && this.links.length > 0) {
       const wire = encodeF16(sum) // [n] f16, sent by reference

@@ -29,6 +29,22 @@ export class PeerGoneError extends Error {
   }
 }
 
+/**
+ * A peer is connected but silent: it sent nothing it owed within a deadline (e.g. its allreduce partial); a stopped
+ * (SIGSTOP) or overloaded device. The message names the peer id and the deadline.
+ */
+export class PeerStalledError extends Error {
+  static override name = 'PeerStalledError'
+  /** Peer id string of the silent peer. */
+  readonly peer: string
+
+  constructor(peer: string, message: string, options?: ErrorOptions) {
+    super(message, options)
+    this.name = 'PeerStalledError'
+    this.peer = peer
+  }
+}
+
 /** Opening a connection or a protocol stream to an address failed (unreachable, refused, timed out, aborted). */
 export class DialError extends Error {
   static override name = 'DialError'

@@ -18,6 +18,7 @@ export {
   FrameError,
   NotStartedError,
   PeerGoneError,
+  PeerStalledError,
 } from './errors.ts'
 export type { Frame, FrameHeader, FrameOptions } from './frame.ts'
 export {

@@ -137,6 +137,23 @@ describe('StarAllreduceHub / StarAllreduceMember (in-memory links)', () => {
     await expect(hub.allreduce(2, null)).rejects.toMatchObject({ name: 'PeerGoneError' })
   })
 
+  it('a deadline fails the round with PeerStalledError naming the silent member; rounds in time are unaffected', async () => {
+    const hub = new StarAllreduceHub([new RecordingLink('peerA'), new RecordingLink('peerB')], { deadlineMs: 50 })
+    hub.deliver(0, arFrame(1, new Float32Array([1])))
+    hub.deliver(1, arFrame(1, new Float32Array([2])))
+    expect(Array.from(await hub.allreduce(1, new Float32Array([3])))).toEqual([6])
+    hub.deliver(0, arFrame(2, new Float32Array([1])))
+    const started = performance.now()
+    const err = await hub.allreduce(2, new Float32Array([3])).catch((e: Error) => e)
+    expect(performance.now() - started).toBeGreaterThanOrEqual(45)
+    expect(err).toMatchObject({ name: 'PeerStalledError', peer: 'peerB' })
+    expect((err as Error).message).toBe('allreduce member 1 (peer peerB) sent no partial for tag 2 within 50 ms')
+    // A per-call deadline overrides the hub's; a bad one is a TypeError.
+    hub.deliver(0, arFrame(3, null))
+    await expect(hub.allreduce(3, new Float32Array(1), { deadlineMs: 5 })).rejects.toMatchObject({ name: 'PeerStalledError', peer: 'peerB' })
+    await expect(hub.allreduce(4, null, { deadlineMs: -1 })).rejects.toThrow(TypeError)
+  })
+
   it('member sends its partial (empty body for null) and resolves on the sum with its tag', async () => {
     const link = new RecordingLink('hub')
     const member = new StarAllreduceMember(link)
