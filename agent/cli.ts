@@ -11,17 +11,36 @@ import { loadavg } from 'node:os'
 import { Command, CommanderError, Option } from 'commander'
 import { byteSize, collect, finiteNumber, wholeNumber } from './cli/arguments.ts'
 import { registerPeers } from './cli/peers.ts'
+import { registerPlan } from './cli/plan.ts'
+import { publishDeviceProfile, registerProfile } from './cli/profile.ts'
 import { registerQuantize } from './cli/quantize.ts'
 import { registerReport } from './cli/report.ts'
 import { registerServe } from './cli/serve.ts'
 import { registerSplit } from './cli/split.ts'
-import { addClusterOptions, type ClusterFlags, startCluster } from './cli/start-cluster.ts'
+import { addSecurityOptions, describeRefusal, loadSecurity, registerIdentity, type SecurityFlags } from './cli/security.ts'
+import { registerEmulate } from './cli/emulate.ts'
+import { addClusterOptions, type ClusterFlags, type ClusterSetup, startCluster } from './cli/start-cluster.ts'
 import { registerSynth } from './cli/synth.ts'
 import { generate } from './generate.ts'
 import { WorkerAgent } from './worker.ts'
 
 /** Errors caused by the user's input: exit code 2. */
-const INPUT_ERRORS = new Set(['ModelFormatError', 'TokenizerFormatError', 'UsageError', 'RangeError', 'DialError', 'MemoryBudgetError'])
+const INPUT_ERRORS = new Set([
+  'ModelFormatError',
+  'TokenizerFormatError',
+  'UsageError',
+  'RangeError',
+  'DialError',
+  'MemoryBudgetError',
+  // cluster files and cluster plans (issue 7)
+  'ClusterFileError',
+  'InsufficientMemoryError',
+  // identity and membership (issue 8): a bad key or trust file, a non-member worker, a copied identity key
+  'IdentityError',
+  'MembershipConfigError',
+  'MembershipError',
+  'DuplicateIdentityError',
+])
 
 interface RunFlags extends ClusterFlags {
   prompt: string
@@ -33,8 +52,8 @@ interface RunFlags extends ClusterFlags {
   summaryJson?: string
 }
 
-async function run(flags: RunFlags): Promise<void> {
-  const started = await startCluster(flags)
+async function run(flags: RunFlags, setup: ClusterSetup = {}): Promise<void> {
+  const started = await startCluster(flags, setup)
   const { cluster, model, tokenizer, peers: nPeers, status } = started
   const logitsFd = flags.dumpLogits ? openSync(flags.dumpLogits, 'w') : null
   try {
@@ -58,16 +77,19 @@ async function run(flags: RunFlags): Promise<void> {
       model: model.path,
       peers: nPeers,
       plan: cluster.plan.shards,
+      clusterPlan: cluster.clusterPlan,
       promptTokens: result.promptTokens,
       nextTokens: result.nextTokens,
       generated: result.generated,
       ttftMs: result.ttftMs,
       msPerToken: result.msPerToken,
+      decodeSplit: result.decodeSplit,
       wireBytesPerToken,
       allreducesPerToken: c.allreduces / Math.max(1, forwards),
       computeMs: c.timings.computeMs,
       allreduceWaitMs: c.timings.allreduceMs,
       ioWaitMs: c.timings.ioWaitMs,
+      stageWaitMs: c.stageWaitMs,
       perPeer: peers,
       loadAverage: loadavg()[0],
     }
@@ -80,7 +102,7 @@ async function run(flags: RunFlags): Promise<void> {
     for (const [i, p] of peers.entries()) {
       const per = (ms: number): string => (ms / Math.max(1, p.forwards)).toFixed(2)
       status(
-        `  ${i === 0 ? 'master  ' : `worker ${i}`} ms/token: compute ${per(p.computeMs)}, allreduce wait ${per(p.allreduceMs)}, ` +
+        `  ${i === 0 ? 'master  ' : `worker ${cluster.workerDevices[i - 1]}`} ms/token: compute ${per(p.computeMs)}, allreduce wait ${per(p.allreduceMs)}, ` +
           `I/O wait ${per(p.ioWaitMs)}; window ${p.window} blocks; RSS peak ${mib(p.peakRssBytes)} (runtime ${mib(p.overheadBytes)})`,
       )
     }
@@ -90,12 +112,47 @@ async function run(flags: RunFlags): Promise<void> {
   }
 }
 
-async function agent(flags: { listen: string[]; exitWithParent?: boolean; memoryBudget?: number; mdns: boolean }): Promise<void> {
+/** Multiaddrs on the loopback interface. */
+const LOOPBACK = /^\/ip4\/127\.|^\/ip6\/::1\//
+
+/** How long after start an agent that hears its own peer id announced by another process (mDNS) exits, ms. */
+const DUPLICATE_IDENTITY_GRACE_MS = 5_000
+
+interface AgentFlags extends SecurityFlags {
+  listen: string[]
+  exitWithParent?: boolean
+  memoryBudget?: number
+  mdns: boolean
+}
+
+async function agent(flags: AgentFlags): Promise<void> {
   let ending = false
+  const startedMs = performance.now()
+  const security = await loadSecurity(flags, 'agent', {
+    onRefused: (refusal) => process.stderr.write(`edgeshard agent: ${describeRefusal(refusal, security.membership)}\n`),
+  })
+  if (security.identity.created) process.stderr.write(`edgeshard agent: created identity key ${security.identity.path}\n`)
   const worker = new WorkerAgent({
     listen: flags.listen,
+    transport: {
+      privateKey: security.identity.privateKey,
+      ...(security.membership ? { membership: security.membership } : {}),
+      // Another agent announcing our peer id on the LAN: a copied key. The newcomer (us, if just started) gives way.
+      onSelfDiscovered: (announced) => {
+        // its loopback address is its own machine's, not ours: name the others when there are any
+        const remote = announced.filter((a) => !LOOPBACK.test(a))
+        const addresses = remote.length > 0 ? remote : announced
+        const line = `peer ID ${security.identity.peerId} is used by two agents (this one and the one at ${addresses.join(', ')}): copy of an identity key?`
+        if (performance.now() - startedMs < DUPLICATE_IDENTITY_GRACE_MS) {
+          process.stderr.write(`edgeshard: ${line}\n`)
+          void shutdown(2)
+        } else {
+          process.stderr.write(`edgeshard agent: warning: ${line}\n`)
+        }
+      },
+    },
     // Announced on the LAN unless --no-mdns or only reachable on loopback (local workers of `run --peers`).
-    mdns: flags.mdns && flags.listen.some((a) => !/^\/ip4\/127\.|^\/ip6\/::1\//.test(a)),
+    mdns: flags.mdns && flags.listen.some((a) => !LOOPBACK.test(a)),
     ...(flags.memoryBudget === undefined ? {} : { memoryBudgetBytes: flags.memoryBudget }),
     onSessionEnd: (peer, error) => {
       if (error) process.stderr.write(`edgeshard agent: session with master ${peer} ended: ${error.message}\n`)
@@ -118,39 +175,44 @@ async function agent(flags: { listen: string[]; exitWithParent?: boolean; memory
   }
   await worker.start()
   for (const addr of worker.multiaddrs()) process.stdout.write(`listening ${addr}\n`)
+  // Publish this device's measured profile (cached, or measured now in the background; local workers only load it).
+  void publishDeviceProfile({ measure: !flags.exitWithParent }).catch((err: Error) =>
+    process.stderr.write(`edgeshard agent: cannot measure this device: ${err.message}\n`),
+  )
 }
 
 const program = new Command('edgeshard')
   .description('Run one model across several small devices: tensor-parallel inference over libp2p')
   .exitOverride()
 
-const runCommand = program
-  .command('run')
-  .description('generate text with the model split across this device and its peers (this device is the master)')
-  .option('--prompt <text>', 'prompt text', 'Once upon a time')
-  .addOption(new Option('--max-tokens <k>', 'new tokens to generate at most').argParser(wholeNumber(1)).default(256))
-  .addOption(new Option('--temperature <t>', '0 = greedy').argParser(finiteNumber).default(0))
-  .addOption(new Option('--top-p <p>', 'nucleus sampling threshold').argParser(finiteNumber).default(0.9))
-  .addOption(new Option('--seed <s>', 'sampling seed (default: the clock)').argParser(wholeNumber(1)))
-  .option('--dump-logits <file>', 'write the logits of every position as raw f32 [positions, vocab]')
-  .option('--summary-json <file>', 'write the run summary (tokens, timings, bytes) as JSON')
-addClusterOptions(runCommand).action(run)
+/** The generation options of `run` (and `emulate`). */
+function addGenerationOptions(command: Command): Command {
+  return command
+    .option('--prompt <text>', 'prompt text', 'Once upon a time')
+    .addOption(new Option('--max-tokens <k>', 'new tokens to generate at most').argParser(wholeNumber(1)).default(256))
+    .addOption(new Option('--temperature <t>', '0 = greedy').argParser(finiteNumber).default(0))
+    .addOption(new Option('--top-p <p>', 'nucleus sampling threshold').argParser(finiteNumber).default(0.9))
+    .addOption(new Option('--seed <s>', 'sampling seed (default: the clock)').argParser(wholeNumber(1)))
+    .option('--dump-logits <file>', 'write the logits of every position as raw f32 [positions, vocab]')
+    .option('--summary-json <file>', 'write the run summary (tokens, timings, bytes) as JSON')
+}
 
-program
+const runCommand = addGenerationOptions(
+  program.command('run').description('generate text with the model split across this device and its peers (this device is the master)'),
+)
+addClusterOptions(runCommand).action((flags: RunFlags) => run(flags))
+registerEmulate<RunFlags & { cluster: string }>(program, (command) => addClusterOptions(addGenerationOptions(command)), run)
+
+const agentCommand = program
   .command('agent')
   .description('run a worker agent: print its multiaddr, accept a shard from a master and serve it')
   .option('--listen <addr>', 'multiaddr to listen on (repeatable, comma-separated)', collect)
   .option('--exit-with-parent', 'exit when the master session ends or stdin closes (used for local workers)')
   .addOption(new Option('--memory-budget <bytes>', 'bytes for weights + KV cache (e.g. 300MB); larger shards stream from disk').argParser(byteSize))
   .option('--no-mdns', 'do not announce this agent on the LAN (mDNS); masters then need its address')
-  .action((flags: { listen?: string[]; exitWithParent?: boolean; memoryBudget?: number; mdns: boolean }) =>
-    agent({
-      listen: flags.listen ?? ['/ip4/0.0.0.0/tcp/0'],
-      mdns: flags.mdns,
-      ...(flags.exitWithParent ? { exitWithParent: true } : {}),
-      ...(flags.memoryBudget === undefined ? {} : { memoryBudget: flags.memoryBudget }),
-    }),
-  )
+addSecurityOptions(agentCommand).action((flags: Omit<AgentFlags, 'listen'> & { listen?: string[] }) =>
+  agent({ ...flags, listen: flags.listen ?? ['/ip4/0.0.0.0/tcp/0'] }),
+)
 
 registerQuantize(program)
 registerSynth(program)
@@ -158,6 +220,9 @@ registerServe(program)
 registerPeers(program)
 registerSplit(program)
 registerReport(program)
+registerProfile(program)
+registerPlan(program)
+registerIdentity(program)
 
 try {
   await program.parseAsync(process.argv)

@@ -3,7 +3,7 @@
  * its device profile over the info protocol.
  */
 import { logger } from '@libp2p/logger'
-import { TransportNode } from '../transport/index.ts'
+import { TransportNode, type TransportNodeOptions } from '../transport/index.ts'
 import { type AgentProbe, probeAgent } from './peer-info.ts'
 
 const log = logger('edgeshard:agent:discovery')
@@ -23,6 +23,8 @@ export interface DiscoverOptions {
   readonly signal?: AbortSignal
   /** Called as each agent answers. */
   readonly onFound?: (agent: AgentProbe) => void
+  /** Identity and membership of the asking node (agents with a trust file answer members only). Default: a fresh key. */
+  readonly transport?: Pick<TransportNodeOptions, 'privateKey' | 'membership'>
 }
 
 /**
@@ -71,6 +73,7 @@ export async function discoverAgents(options: DiscoverOptions): Promise<AgentPro
 
   const node = new TransportNode({
     listen: [],
+    ...options.transport,
     ...(options.mdns === false
       ? {}
       : {

@@ -53,3 +53,30 @@ export class SplitProtocolError extends Error {
     this.remoteName = options?.remoteName
   }
 }
+
+/**
+ * An identity key file cannot be used: readable by others than its owner (like ssh, the key is then refused), owned
+ * by another user, not a libp2p private key, or not creatable.
+ */
+export class IdentityError extends Error {
+  static override name = 'IdentityError'
+  /** The key file. */
+  readonly path: string
+  constructor(path: string, message: string, options?: ErrorOptions) {
+    super(message, options)
+    this.name = 'IdentityError'
+    this.path = path
+  }
+}
+
+/** A trust file or pre-shared key file is unreadable or malformed (the message names the file and the line). */
+export class MembershipConfigError extends Error {
+  static override name = 'MembershipConfigError'
+  /** The file. */
+  readonly path: string
+  constructor(path: string, message: string, options?: ErrorOptions) {
+    super(message, options)
+    this.name = 'MembershipConfigError'
+    this.path = path
+  }
+}

@@ -47,6 +47,12 @@ export interface GenerationResult {
   readonly ttftMs: number
   /** Mean decode time per generated token after the first, in ms (0 when only one). */
   readonly msPerToken: number
+  /**
+   * Where the master's decode time per token went, ms (means over the tokens after the first): its layers in
+   * onnxruntime (`computeMs`), the output head in onnxruntime (`headMs`), waiting for allreduces and for weights
+   * from disk, and everything else (`otherMs`: embedding lookup, sampling, detokenizing, JS and event-loop time).
+   */
+  readonly decodeSplit: { readonly computeMs: number; readonly headMs: number; readonly allreduceWaitMs: number; readonly ioWaitMs: number; readonly otherMs: number }
   readonly stopReason: StopReason
 }
 
@@ -96,6 +102,7 @@ export async function generate(
   }
   let ttftMs = 0
   let firstAt = 0
+  let atFirst = { ...cluster.counters.timings, headMs: cluster.counters.headMs }
   let generated = 0
   let prev = promptTokens[promptTokens.length - 1]!
   let stopReason: StopReason
@@ -108,6 +115,7 @@ export async function generate(
     if (generated === 1) {
       firstAt = performance.now()
       ttftMs = firstAt - started
+      atFirst = { ...cluster.counters.timings, headMs: cluster.counters.headMs }
     }
     if (!options.ignoreEos && (token === codec.bosId || token === codec.eosId)) {
       stopReason = 'eos'
@@ -132,5 +140,12 @@ export async function generate(
     options.onLogits?.(cluster.position - 1, logits)
   }
   const msPerToken = generated > 1 ? (performance.now() - firstAt) / (generated - 1) : 0
-  return { promptTokens, nextTokens, generated, ttftMs, msPerToken, stopReason }
+  const t = cluster.counters.timings
+  const per = (ms: number): number => (generated > 1 ? ms / (generated - 1) : 0)
+  const computeMs = per(t.computeMs - atFirst.computeMs)
+  const headMs = per(cluster.counters.headMs - atFirst.headMs)
+  const allreduceWaitMs = per(t.allreduceMs - atFirst.allreduceMs)
+  const ioWaitMs = per(t.ioWaitMs - atFirst.ioWaitMs)
+  const decodeSplit = { computeMs, headMs, allreduceWaitMs, ioWaitMs, otherMs: Math.max(0, msPerToken - computeMs - headMs - allreduceWaitMs - ioWaitMs) }
+  return { promptTokens, nextTokens, generated, ttftMs, msPerToken, decodeSplit, stopReason }
 }

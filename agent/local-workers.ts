@@ -27,13 +27,14 @@ process.on('exit', () => {
 
 /**
  * Spawns `count` worker agents (`edgeshard agent --listen /ip4/127.0.0.1/tcp/0 --exit-with-parent`) and waits for
- * each to print its listen address.
+ * each to print its listen address. Worker i (1-based) gets `agentArgs(i)` (identity and membership flags; default `--no-identity`:
+ * an ephemeral key, a new peer id each start, since several agents on one machine cannot share the default key file).
  * @throws PeerFailedError when a worker exits or stays silent for `timeoutMs` before listening; every worker
  *   already started is stopped first.
  */
 export async function spawnLocalWorkers(
   count: number,
-  options: { timeoutMs?: number; signal?: AbortSignal; memoryBudgetBytes?: number; pinCores?: boolean } = {},
+  options: { timeoutMs?: number; signal?: AbortSignal; memoryBudgetBytes?: number; pinCores?: boolean; agentArgs?: (index: number) => readonly string[] } = {},
 ): Promise<LocalWorkers> {
   const processes: ChildProcess[] = []
   const stop = async (graceMs = 2000): Promise<void> => {
@@ -43,7 +44,9 @@ export async function spawnLocalWorkers(
     const addresses = await Promise.all(
       Array.from({ length: count }, (_, i) => {
         const budget = options.memoryBudgetBytes === undefined ? [] : ['--memory-budget', String(options.memoryBudgetBytes)]
-        const child = spawn(process.execPath, [CLI_PATH, 'agent', '--listen', '/ip4/127.0.0.1/tcp/0', '--exit-with-parent', ...budget], {
+        // Local workers keep an ephemeral identity (a fresh key each start) unless `agentArgs` says otherwise.
+        const identity = options.agentArgs?.(i + 1) ?? ['--no-identity']
+        const child = spawn(process.execPath, [CLI_PATH, 'agent', '--listen', '/ip4/127.0.0.1/tcp/0', '--exit-with-parent', ...identity, ...budget], {
           stdio: ['pipe', 'pipe', 'inherit'],
           env: process.env,
         })

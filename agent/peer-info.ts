@@ -2,9 +2,16 @@
  * The info protocol (`/edgeshard/info/1.0.0`, see transport/protocols.ts): every agent answers `{ type: 'info' }`
  * frames with its device profile, so a master or `edgeshard peers` can list agents and time round trips to them.
  */
+import { randomBytes } from 'node:crypto'
 import { arch, cpus, freemem, hostname, loadavg, platform, totalmem } from 'node:os'
+import { type DeviceCapabilities, parseCapabilities } from '../devices/index.ts'
 import { type FramedChannel, INFO_PROTOCOL, type TransportNode } from '../transport/index.ts'
+import { availableMemoryBytes } from './device-measure.ts'
+import { ProtocolError } from './protocol.ts'
 import { runtimeVersion } from './runtime.ts'
+
+/** Random id of this process (16 hex digits): tells two agents that share a peer id (a copied key) apart. */
+const INSTANCE = randomBytes(8).toString('hex')
 
 /** What an agent tells about its device. Memory in bytes. */
 export interface DeviceProfile {
@@ -23,6 +30,24 @@ export interface DeviceProfile {
   readonly ortVersion: string
   /** True while the agent serves a master (it would refuse none, but shares its cores). */
   readonly busy: boolean
+  /** Random id of the agent's process, new on every start (absent from agents before issue 8). */
+  readonly instance?: string
+  /**
+   * What the agent measured with the real kernels (`edgeshard profile`, agent/device-measure.ts): decode GB/s, prefill
+   * GFLOP/s, disk MB/s, memory and cores. Absent until the agent has measured or loaded its cached measurement.
+   */
+  readonly measured?: DeviceCapabilities
+}
+
+/** The measurement this process publishes in its profile (set once measured or loaded from the cache). */
+let published: DeviceCapabilities | undefined
+
+/**
+ * Sets the measured capabilities every later {@link deviceProfile} carries (memory refreshed on each call).
+ * `undefined` withdraws them.
+ */
+export function publishMeasuredCapabilities(capabilities: DeviceCapabilities | undefined): void {
+  published = capabilities
 }
 
 /** An agent that answered the info protocol: where it was reached, its profile, and the measured round trip. */
@@ -47,13 +72,18 @@ export function deviceProfile(busy: boolean): DeviceProfile {
     nodeVersion: process.versions.node,
     ortVersion: runtimeVersion(),
     busy,
+    instance: INSTANCE,
+    ...(published ? { measured: { ...published, memoryBytes: availableMemoryBytes().availableBytes } } : {}),
   }
 }
 
-/** Answers every `info` frame on `channel` with `profile()` until the dialler closes the stream. */
+/**
+ * Answers every `info` frame on `channel` with `profile()` until the dialler closes the stream. A frame's body is
+ * ignored: the link probe (agent/link-probe.ts) sends megabytes in it to time the link's throughput.
+ */
 export async function answerInfo(channel: FramedChannel, profile: () => DeviceProfile): Promise<void> {
   for await (const frame of channel) {
-    if (frame.header.type !== 'info') throw new RangeError(`info protocol: unexpected ${String(frame.header.type)} frame`)
+    if (frame.header.type !== 'info') throw new ProtocolError(`info protocol: unexpected ${JSON.stringify(frame.header.type).slice(0, 40)} frame from ${channel.remotePeer}`)
     await channel.send({ type: 'info', profile: profile() })
   }
   await channel.close()
@@ -66,18 +96,19 @@ export async function serveInfo(node: TransportNode, profile: () => DeviceProfil
 
 /**
  * Dials `address` on the info protocol, sends `rounds` info requests one after another and returns the profile with
- * the median round trip of all but the first.
- * @throws DialError when the agent is unreachable or does not speak the protocol; RangeError when it answers with
+ * the median round trip of all but the first. `fresh` opens a new connection even when one to that peer id is open
+ * (so the agent at this very address answers, not another process holding the same key).
+ * @throws MembershipError when the agent is not in the trust set; DialError when the agent is unreachable or does not speak the protocol; RangeError when it answers with
  *   something that is not a profile; PeerGoneError when it closes the stream early.
  */
 export async function probeAgent(
   node: TransportNode,
   address: string,
-  options: { signal?: AbortSignal; rounds?: number } = {},
+  options: { signal?: AbortSignal; rounds?: number; fresh?: boolean } = {},
 ): Promise<AgentProbe> {
   const rounds = Math.max(2, options.rounds ?? 4)
   const signalOption = options.signal ? { signal: options.signal } : {}
-  const channel = await node.dial(address, INFO_PROTOCOL, signalOption)
+  const channel = await node.dial(address, INFO_PROTOCOL, { ...signalOption, ...(options.fresh ? { fresh: true } : {}) })
   try {
     const rttsMs: number[] = []
     let profile: DeviceProfile | undefined
@@ -118,5 +149,13 @@ export function parseProfile(value: unknown, source: string): DeviceProfile {
     nodeVersion: text('nodeVersion'),
     ortVersion: text('ortVersion'),
     busy: v.busy === true,
+    ...(typeof v.instance === 'string' ? { instance: v.instance.slice(0, 64) } : {}),
+    ...(v.measured === undefined
+      ? {}
+      : {
+          measured: parseCapabilities(v.measured, (field, detail) => {
+            throw new RangeError(`agent at ${source}: profile field measured${field === '' ? '' : `.${field}`}: ${detail}`)
+          }),
+        }),
   }
 }

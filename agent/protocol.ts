@@ -10,10 +10,32 @@ import type { TensorParallelPlan } from '../splitter/index.ts'
  * worker → master: `ready` after loading, `ar` (partial sums), `stats`, `trace` (body: the spans recorded since the
  * last `trace`, as UTF-8 JSON `RecordedSpan[]`; only when the plan said `trace: true`), `error` when it cannot go on.
  *
+ * Pipeline and hybrid plans (see agent/stage-worker.ts): the `plan` frame gives the worker a `role`. `member` (the
+ * default) is today's peer of the master's stage. A stage without the master has a `leader` (its shard 0, the stage's
+ * allreduce hub) and `stage-member`s. After every worker is `ready`, the master sends each leader `stage` (its
+ * members' addresses and shards); the leader dials them on `/edgeshard/stage/1.0.0` and answers `stage-ready`. Per
+ * forward pass the master sends `forward` to the leader only, the leader relays it to its members, and answers
+ * `stage-out` (body: the stage's output hidden state [seq, dim] f32); `reset` goes to the leader, which relays it.
+ * `stats`, `trace` and `bye` still go to every worker directly. An `error` may name the peer that caused it (`peer`,
+ * e.g. a leader's member that went away).
+ *
  * Workers never receive token ids or text: only weights and hidden states.
  */
 export type MasterMessage =
-  | { type: 'plan'; plan: TensorParallelPlan; shardIndex: number; threads: number; trace?: boolean }
+  | {
+      type: 'plan'
+      plan: TensorParallelPlan
+      shardIndex: number
+      threads: number
+      trace?: boolean
+      /** Default `member`. */
+      role?: StageRole
+      /** Names the stage on the stage protocol (leader and stage-members only). */
+      stageId?: string
+      /** Link emulation (`edgeshard emulate`): shape what this worker sends to each peer, once its shard is loaded. */
+      links?: readonly EmulatedLink[]
+    }
+  | { type: 'stage'; members: readonly StageMemberAddress[] }
   | { type: 'tensor'; layer: number; name: WeightName; bits: 32 | 8 | 4; rows: number; cols: number }
   | { type: 'load-done'; tensors: number }
   | { type: 'forward'; step: number; pos0: number; seq: number }
@@ -21,6 +43,25 @@ export type MasterMessage =
   | { type: 'stats' }
   | { type: 'trace' }
   | { type: 'bye' }
+
+/**
+ * A worker's part in a cluster plan: `member` of the master's stage (the master is its hub), `leader` of a stage
+ * without the master (its hub, shard 0), or `stage-member` of such a stage (its leader is the hub).
+ */
+export type StageRole = 'member' | 'leader' | 'stage-member'
+
+/** A leader's member: where to dial it and the shard it runs. */
+export interface StageMemberAddress {
+  readonly address: string
+  readonly shardIndex: number
+}
+
+/** One emulated link from a worker to `peer` (peer id): round trip and rate, as `LinkEmulation`. */
+export interface EmulatedLink {
+  readonly peer: string
+  readonly rttMs: number
+  readonly bitsPerSecond: number
+}
 
 /** A worker's counters since its shard was loaded (reply to `stats`). */
 export interface WorkerStats {
@@ -51,7 +92,9 @@ export type WorkerMessage =
   | { type: 'ready'; shardIndex: number }
   | ({ type: 'stats' } & WorkerStats)
   | ({ type: 'trace' } & WorkerTraceHeader)
-  | { type: 'error'; message: string; errorName?: string }
+  | { type: 'error'; message: string; errorName?: string; peer?: string }
+  | { type: 'stage-ready' }
+  | { type: 'stage-out'; step: number; seq: number }
 
 /**
  * Weight names of a layer shard (graph input names of the attention and FFN blocks). A `tensor` frame's body is
@@ -69,6 +112,25 @@ export function tensorBodyBytes(bits: 32 | 8 | 4, rows: number, cols: number): n
   return bits === 32 ? rows * cols * 4 : (rows * cols * bits) / 8 + ((rows * cols) / 32) * 4
 }
 
+/** A stage id: hex digits (the master draws 64 random bits per stage and run). */
+const STAGE_ID = /^[0-9a-f]{16,64}$/
+const MAX_STAGE_MEMBERS = 256
+
+/** @throws ProtocolError naming the entry and field */
+function parseLinks(value: unknown): EmulatedLink[] {
+  if (!Array.isArray(value) || value.length > 1024) throw new ProtocolError('frame plan: links must be an array of at most 1024')
+  return value.map((entry: unknown, i) => {
+    const v = (entry ?? {}) as Record<string, unknown>
+    const { peer, rttMs, bitsPerSecond } = v
+    if (typeof peer !== 'string' || peer.length === 0 || peer.length > 128) throw new ProtocolError(`frame plan: link ${i} has no peer id`)
+    if (typeof rttMs !== 'number' || !(rttMs >= 0 && rttMs <= 60_000)) throw new ProtocolError(`frame plan: link ${i} rttMs must be 0..60000, got ${JSON.stringify(rttMs)}`)
+    if (typeof bitsPerSecond !== 'number' || !(bitsPerSecond > 0 && Number.isFinite(bitsPerSecond))) {
+      throw new ProtocolError(`frame plan: link ${i} bitsPerSecond must be a positive number, got ${JSON.stringify(bitsPerSecond)}`)
+    }
+    return { peer, rttMs, bitsPerSecond }
+  })
+}
+
 /** A header that failed validation: the message names the field and what was expected. */
 export class ProtocolError extends Error {
   static override name = 'ProtocolError'
@@ -80,7 +142,7 @@ export class ProtocolError extends Error {
 
 function int(h: Record<string, unknown>, key: string, min = 0): number {
   const v = h[key]
-  if (typeof v !== 'number' || !Number.isInteger(v) || v < min) {
+  if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < min) {
     throw new ProtocolError(`frame ${String(h.type)}: field ${key} must be an integer ≥ ${min}, got ${JSON.stringify(v)}`)
   }
   return v
@@ -97,15 +159,49 @@ export function parseMasterMessage(h: Record<string, unknown>): MasterMessage {
       if (plan?.kind !== 'tensor-parallel' || plan.version !== 1 || !Array.isArray(plan.shards)) {
         throw new ProtocolError('frame plan: expected a tensor-parallel plan of version 1')
       }
-      const shardIndex = int(h, 'shardIndex', 1)
+      const role = h.role ?? 'member'
+      if (role !== 'member' && role !== 'leader' && role !== 'stage-member') {
+        throw new ProtocolError(`frame plan: role must be member, leader or stage-member, got ${JSON.stringify(role)}`)
+      }
+      const shardIndex = int(h, 'shardIndex', role === 'leader' ? 0 : 1)
       if (shardIndex >= plan.shards.length) throw new ProtocolError(`frame plan: shard ${shardIndex} is not in a plan of ${plan.shards.length}`)
+      if (role === 'leader' && shardIndex !== 0) throw new ProtocolError(`frame plan: a stage leader runs shard 0, got ${shardIndex}`)
+      const stageId = h.stageId
+      if (role !== 'member' && (typeof stageId !== 'string' || !STAGE_ID.test(stageId))) {
+        throw new ProtocolError(`frame plan: a ${role} needs a stageId of 16 to 64 hex digits, got ${JSON.stringify(stageId)}`)
+      }
+      const links = h.links === undefined ? undefined : parseLinks(h.links)
       const { start, count } = plan.layers ?? {}
       const nLayers = plan.model?.nLayers
       if (!Number.isInteger(start) || !Number.isInteger(count) || start! < 0 || count! < 1 || !Number.isInteger(nLayers) || start! + count! > nLayers) {
         throw new ProtocolError(`frame plan: layers ${JSON.stringify(plan.layers)} are not a range inside the model's ${JSON.stringify(nLayers)} layers`)
       }
       if (h.trace !== undefined && typeof h.trace !== 'boolean') throw new ProtocolError(`frame plan: field trace must be a boolean, got ${JSON.stringify(h.trace)}`)
-      return { type: 'plan', plan, shardIndex, threads: int(h, 'threads', 1), ...(h.trace ? { trace: true } : {}) }
+      return {
+        type: 'plan',
+        plan,
+        shardIndex,
+        threads: int(h, 'threads', 1),
+        ...(h.trace ? { trace: true } : {}),
+        ...(role !== 'member' ? { role, stageId: stageId as string } : {}),
+        ...(links ? { links } : {}),
+      }
+    }
+    case 'stage': {
+      const members = h.members
+      if (!Array.isArray(members) || members.length > MAX_STAGE_MEMBERS) {
+        throw new ProtocolError(`frame stage: members must be an array of at most ${MAX_STAGE_MEMBERS}`)
+      }
+      return {
+        type: 'stage',
+        members: members.map((m: unknown, i) => {
+          const v = (m ?? {}) as Record<string, unknown>
+          if (typeof v.address !== 'string' || v.address.length > 512) throw new ProtocolError(`frame stage: member ${i} has no address`)
+          const shardIndex = v.shardIndex
+          if (shardIndex !== i + 1) throw new ProtocolError(`frame stage: member ${i} must run shard ${i + 1}, got ${JSON.stringify(shardIndex)}`)
+          return { address: v.address, shardIndex }
+        }),
+      }
     }
     case 'tensor': {
       const name = h.name

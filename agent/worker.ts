@@ -4,15 +4,20 @@ import {
   type AllreduceLink,
   f32Body,
   type FramedChannel,
+  LinkShaper,
+  STAGE_PROTOCOL,
   StarAllreduceMember,
   TENSOR_PARALLEL_PROTOCOL,
   TransportNode,
+  type TransportNodeOptions,
 } from '../transport/index.ts'
 import { join } from 'node:path'
 import { memoryUsage } from './memory.ts'
-import { type MasterMessage, parseMasterMessage, tensorBodyBytes, VECTOR_NAMES, type WeightName, type WorkerStats } from './protocol.ts'
+import { type ForwardHeader, StageLeader, StageMember, StageRegistry, type StageRole, type StageSession } from './stage-worker.ts'
+import { type EmulatedLink, type MasterMessage, ProtocolError, parseMasterMessage, tensorBodyBytes, VECTOR_NAMES, type WeightName, type WorkerStats } from './protocol.ts'
 import { defaultShardDir, kvCacheBytes } from './shard-encoding.ts'
 import { deviceProfile, serveInfo } from './peer-info.ts'
+import { checkAllreduceFrame, checkForwardFrame, ShardIntake } from './shard-intake.ts'
 import { type ForwardTimings, ShardRunner } from './shard-runner.ts'
 import { TraceRecorder, traceReceive, tracedLink, wallClockMs } from './trace.ts'
 import { openShard, ShardFileWriter } from './weight-store.ts'
@@ -34,6 +39,11 @@ export interface WorkerOptions {
   readonly shardDir?: string
   /** Announce this agent on the LAN by mDNS so masters and `edgeshard peers` find it. Default false. */
   readonly mdns?: boolean
+  /**
+   * Identity, membership (trust set, pre-shared key) and duplicate-key reporting of the agent's libp2p node (see
+   * TransportNodeOptions). Default: a fresh key, anyone admitted.
+   */
+  readonly transport?: Pick<TransportNodeOptions, 'privateKey' | 'membership' | 'onSelfDiscovered'>
 }
 
 /**
@@ -47,10 +57,19 @@ export class WorkerAgent {
   readonly #options: WorkerOptions
   /** Masters being served now. */
   #sessions = 0
+  /** Members of stages without the master, waiting for their leader. */
+  readonly #stages = new StageRegistry()
+  /** Emulated links to other peers (`edgeshard emulate`), by peer id: every channel to that peer is shaped. */
+  readonly #shapers = new Map<string, LinkShaper>()
 
   constructor(options: WorkerOptions) {
     this.#options = options
-    this.#node = new TransportNode({ listen: [...options.listen], ...(options.mdns ? { mdns: { announce: true } } : {}) })
+    this.#node = new TransportNode({
+      listen: [...options.listen],
+      ...(options.mdns ? { mdns: { announce: true } } : {}),
+      linkShaper: (peer) => this.#shapers.get(peer),
+      ...options.transport,
+    })
   }
 
   async start(): Promise<void> {
@@ -63,6 +82,7 @@ export class WorkerAgent {
         this.#sessions--
       }
     })
+    await this.#node.handle(STAGE_PROTOCOL, (channel) => this.#stages.accept(channel))
     await serveInfo(this.#node, () => deviceProfile(this.#sessions > 0))
   }
 
@@ -91,6 +111,8 @@ export class WorkerAgent {
     let threads = 1
     let layers: Partial<Record<WeightName, LinearWeight>>[] = []
     let received = 0
+    /** Checks of the current plan's shard load (issue 8): every tensor and load-done is validated against the plan. */
+    let intake: ShardIntake | null = null
     let runner: ShardRunner | null = null
     let writer: ShardFileWriter | null = null
     let shardDir = ''
@@ -99,27 +121,64 @@ export class WorkerAgent {
     const timings: ForwardTimings = { computeMs: 0, allreduceMs: 0, ioWaitMs: 0 }
     let work: Promise<void> = Promise.resolve()
     let failure: Error | undefined
+    // Pipeline and hybrid plans: the worker's part in a stage without the master (null: member of the master's stage).
+    let stage: StageRole | null = null
+    let links: readonly EmulatedLink[] = []
     const fail = (err: Error): void => {
       if (failure) return
       failure = err
       log.error('session with %s failed: %s', peer, err.message)
       member.fail(err)
+      void stage?.close(err)
+      // A peer other than the master that caused the failure (a stage member gone) is named for the master.
+      const culprit = (err as { peer?: unknown }).peer
       void channel
-        .send({ type: 'error', message: err.message, errorName: err.name })
+        .send({ type: 'error', message: err.message, errorName: err.name, ...(typeof culprit === 'string' && culprit !== peer ? { peer: culprit } : {}) })
         .catch(() => {})
-        .finally(() => channel.close())
+        .finally(() => channel.close().catch(() => {}))
     }
+    const queueForward = (header: ForwardHeader, x: Float32Array): void => {
+      const r = runner
+      if (!r) throw new RangeError('forward before the shard was loaded')
+      if (x.length !== header.seq * r.plan.model.dim) {
+        throw new RangeError(`forward of ${header.seq} positions needs ${header.seq * r.plan.model.dim} values, got ${x.length}`)
+      }
+      const role = stage
+      work = work.then(async () => {
+        await role?.beforeForward(header, x)
+        await r.forward(x, header.pos0, header.step, role?.allreduce ?? member, timings, tracer)
+        forwards++
+        await role?.afterForward(header, x)
+      })
+      work.catch((err: unknown) => fail(err as Error))
+    }
+    const queueReset = (): void => {
+      const r = runner
+      const role = stage
+      work = work.then(async () => {
+        await role?.reset() // a leader relays it, in order with the passes it relays
+        r?.reset()
+      })
+    }
+    const session = (): StageSession => ({ node: this.#node, master: channel, tracer, queueForward, queueReset, fail })
     try {
       for await (const frame of channel) {
         if (failure) break
         if (tracer) traceReceive(tracer, frame.header, frame.body.byteLength, peer)
         if (frame.header.type === 'ar') {
+          checkAllreduceFrame(frame, runner?.plan)
           member.deliver(frame)
           continue
         }
         const msg = parseMasterMessage(frame.header)
         switch (msg.type) {
           case 'plan':
+            intake = new ShardIntake(msg.plan, msg.shardIndex, {
+              threads: msg.threads,
+              ...(this.#options.memoryBudgetBytes === undefined ? {} : { memoryBytes: this.#options.memoryBudgetBytes }),
+            })
+            if (writer) await writer.finish().catch(() => {}) // a load cut short by a new plan: close its file
+            writer = null
             plan = msg.plan
             shardIndex = msg.shardIndex
             threads = msg.threads
@@ -127,13 +186,22 @@ export class WorkerAgent {
             hubLink = tracer ? tracedLink(channel, tracer) : channel
             layers = Array.from({ length: plan.model.nLayers }, () => ({}))
             received = 0
+            await stage?.close()
+            stage =
+              msg.role === 'leader'
+                ? new StageLeader(session(), msg.stageId!)
+                : msg.role === 'stage-member'
+                  ? new StageMember(session(), this.#stages, msg.stageId!, shardIndex)
+                  : null
+            links = msg.links ?? []
             if (this.#options.memoryBudgetBytes !== undefined) {
               shardDir = join(this.#options.shardDir ?? defaultShardDir('worker'), `shard-${shardIndex}`)
               writer = await ShardFileWriter.create(shardDir)
             }
             break
           case 'tensor': {
-            if (!plan) throw new RangeError('tensor frame before the plan')
+            if (!plan || !intake) throw new ProtocolError('frame tensor before the plan')
+            intake.tensor(msg, frame.body.byteLength)
             const layer = layers[msg.layer]
             const { start, count } = plan.layers
             if (!layer || msg.layer < start || msg.layer >= start + count) {
@@ -150,7 +218,8 @@ export class WorkerAgent {
             break
           }
           case 'load-done': {
-            if (!plan) throw new RangeError('load-done before the plan')
+            if (!plan || !intake) throw new ProtocolError('frame load-done before the plan')
+            intake.loadDone(msg.tensors)
             if (msg.tensors !== received) throw new RangeError(`load-done announces ${msg.tensors} tensors, received ${received}`)
             await runner?.release()
             if (writer) {
@@ -163,30 +232,26 @@ export class WorkerAgent {
             }
             layers = []
             overheadBytes = memoryUsage().rssBytes
+            // Emulated links apply from here on: loading the weights is not what the emulation measures.
+            for (const l of links) this.#shapers.set(l.peer, new LinkShaper(l))
             await channel.send({ type: 'ready', shardIndex })
             log('shard %d ready for %s', shardIndex, peer)
             break
           }
-          case 'forward': {
-            const r = runner
-            if (!r) throw new RangeError('forward before the shard was loaded')
-            const x = f32Body(frame)
-            if (x.length !== msg.seq * r.plan.model.dim) {
-              throw new RangeError(`forward of ${msg.seq} positions needs ${msg.seq * r.plan.model.dim} values, got ${x.length}`)
-            }
-            work = work.then(() =>
-              r.forward(x, msg.pos0, msg.step, member, timings, tracer).then(() => {
-                forwards++
-              }),
-            )
-            work.catch((err: unknown) => fail(err as Error))
+          case 'stage': {
+            if (!(stage instanceof StageLeader)) throw new RangeError('stage frame to a worker that does not lead a stage')
+            await stage.connect(msg.members)
+            await channel.send({ type: 'stage-ready' })
             break
           }
-          case 'reset': {
-            const r = runner
-            work = work.then(() => r?.reset())
+          case 'forward':
+            if (stage instanceof StageMember) throw new RangeError('forward from the master to a stage member: passes come from its leader')
+            checkForwardFrame(msg, frame.body.byteLength, runner?.plan)
+            queueForward(msg, f32Body(frame))
             break
-          }
+          case 'reset':
+            queueReset()
+            break
           case 'stats': {
             await work.catch(() => {})
             const stats: WorkerStats = {
@@ -218,7 +283,11 @@ export class WorkerAgent {
     } finally {
       member.fail(failure ?? new Error(`master ${peer} ended the session`))
       await work.catch(() => {})
+      await stage?.close(failure)
+      for (const l of links) this.#shapers.delete(l.peer)
       await runner?.release()
+      // a master that ended gracefully without `bye` would otherwise leave our half of the stream open for good
+      await channel.close().catch(() => {})
       log('master %s disconnected', peer)
       this.#options.onSessionEnd?.(peer, failure)
     }

@@ -20,20 +20,24 @@ const weightBytesPerToken = weightBytes - embedding
 const prompt = `${'The little robot walked along the quiet river and counted the stones one by one. '.repeat(4)}The little robot walked along the quiet river`
 const bandwidth = await memoryBandwidthGBs(cpus().length)
 const rows = []
-for (const peers of [1, 2]) {
-  const s = runSummary<{ msPerToken: number; ttftMs: number; promptTokens: number[]; generated: number }>(
-    ['run', '--model', model, '--peers', String(peers), '--prompt', prompt, '--max-tokens', '32', '--context', '512', '--temperature', '0', '--pin-cores'],
-    `quantized-${peers}`,
+// The CLI default (int8 activations, llama.cpp's arithmetic) on 1 and 2 peers, then exact f32 activations on 1.
+for (const [peers, matmul] of [[1, 'int8'], [2, 'int8'], [1, 'exact']] as const) {
+  const s = runSummary<{ msPerToken: number; ttftMs: number; promptTokens: number[]; generated: number; decodeSplit: Record<string, number> }>(
+    ['run', '--model', model, '--peers', String(peers), '--prompt', prompt, '--max-tokens', '32', '--context', '512', '--temperature', '0', '--pin-cores', '--quantized-matmul', matmul],
+    `quantized-${peers}-${matmul}`,
   )
   const gbs = weightBytesPerToken / (s.msPerToken / 1000) / 1e9
   rows.push({
     peers,
+    quantizedMatmul: matmul,
     promptTokens: s.promptTokens.length,
     generated: s.generated,
     decodeMsPerToken: s.msPerToken,
     ttftMs: s.ttftMs,
     weightGBsPerToken: gbs,
     fractionOfMeasuredBandwidth: gbs / bandwidth,
+    // The master's decode time per token: layers and head in onnxruntime, allreduce wait, everything else.
+    decodeSplitMs: s.decodeSplit,
   })
 }
 console.log(

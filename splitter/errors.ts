@@ -56,3 +56,32 @@ export class ChatTemplateError extends Error {
     this.source = source
   }
 }
+
+/**
+ * The devices of a cluster cannot hold the model: its weights, KV cache, embedding and classifier need more bytes than
+ * their memory budgets give, or no split of indivisible units (KV heads, FFN blocks, layers) fits them. The message is
+ * one line naming the device(s), their budgets and the bytes lacking.
+ */
+export class InsufficientMemoryError extends Error {
+  static override name = 'InsufficientMemoryError'
+  /** The devices considered, with their budgets (bytes). */
+  readonly devices: readonly { readonly name: string; readonly budgetBytes: number }[]
+  /** Bytes the model needs on these devices at the least. */
+  readonly neededBytes: number
+  /** Bytes lacking: neededBytes minus what the budgets hold (0 when only the indivisible units do not fit). */
+  readonly lackingBytes: number
+
+  constructor(
+    devices: readonly { readonly name: string; readonly budgetBytes: number }[],
+    neededBytes: number,
+    lackingBytes: number,
+    detail: string,
+    options?: ErrorOptions,
+  ) {
+    super(oneLine(detail), options)
+    this.name = 'InsufficientMemoryError'
+    this.devices = devices
+    this.neededBytes = neededBytes
+    this.lackingBytes = lackingBytes
+  }
+}

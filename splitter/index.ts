@@ -1,6 +1,6 @@
 /** splitter/: model descriptions, tensor-parallel planning and slicing, ONNX graph building. */
 export type { DType, LlamaConfig, ModelDescription, TensorRef, Vocabulary } from './model.ts'
-export { ChatTemplateError, ModelFormatError, TokenizerFormatError } from './errors.ts'
+export { ChatTemplateError, InsufficientMemoryError, ModelFormatError, TokenizerFormatError } from './errors.ts'
 export { loadModel } from './formats/load-model.ts'
 export { readLlama2c } from './formats/llama2c.ts'
 export {
@@ -30,6 +30,42 @@ export {
   planTensorParallel,
   proportionalShares,
 } from './tensor-parallel-plan.ts'
+export {
+  type ClusterPlan,
+  type ClusterPlanChoice,
+  type ClusterPlanInput,
+  type ClusterPlanOptions,
+  formatBytes,
+  type PlanAlternative,
+  planClusterChoice,
+  planEvenTensorParallel,
+  type StagePlan,
+  waterFill,
+} from './cluster-plan.ts'
+export {
+  type ClusterCostInput,
+  type ClusterCostOptions,
+  DEFAULT_BLOCK_OVERHEAD_MS,
+  type PlanCost,
+  type PlannerDevice,
+  type PlannerLink,
+  planMemoryBytes,
+  predictClusterPlan,
+  stageMemoryBytes,
+} from './cluster-cost.ts'
+export { type LayerStorage, type ModelCostShape, modelCostShape, uniformModelCostShape, type WeightStorage, weightStorage } from './model-cost.ts'
+export {
+  buildClusterPlan,
+  checkClusterPlan,
+  evenLayerCounts,
+  hybridClusterPlan,
+  parseStageLayout,
+  pipelineClusterPlan,
+  planKind,
+  type StageLayout,
+  type StagePlanOptions,
+  tensorParallelClusterPlan,
+} from './stage-plans.ts'
 export {
   type AttentionShardWeights,
   type F32Weight,

@@ -239,7 +239,7 @@ export class StarAllreduceHub implements Allreduce {
           if (round.waiter !== undefined && deadlineMs !== undefined) {
             timer = setTimeout(() => {
               if (round.waiter === undefined) return
-              const missing = round.partials.findIndex((p) => p === undefined)
+              const missing = round.partials.indexOf(undefined)
               const peer = this.links[missing]?.peer ?? 'unknown'
               round.waiter = undefined
               this.rounds.delete(tag)

@@ -15,11 +15,22 @@ import { Uint8ArrayList } from 'uint8arraylist'
 import { ChannelClosedError, FrameError, PeerGoneError } from './errors.ts'
 import type { Frame, FrameHeader, FrameOptions } from './frame.ts'
 import { encodeFrame, FrameDecoder } from './frame.ts'
+import { isDue, type LinkShaper, sleepUntil } from './link-shaper.ts'
 
 const log = logger('edgeshard:transport')
 
 /** Header type of the control frame `close()` sends before half-closing the stream. */
 export const CLOSE_FRAME_TYPE = '$close'
+
+/**
+ * Header type of the control frame that precedes each frame sent over an emulated link: its body is the time the next
+ * frame reaches the receiver on the emulated link (f64 little-endian, Unix ms with sub-ms precision). The receiver
+ * holds that frame until then (see `FramedChannelOptions.linkShaper`).
+ */
+export const ARRIVAL_FRAME_TYPE = '$at'
+
+/** Longest a receiver holds a frame for its emulated arrival, ms (a bogus arrival time cannot stall a channel longer). */
+const MAX_HOLD_MS = 60_000
 
 /**
  * The parts of a libp2p 3 `Stream` a channel uses (structural, so tests or other muxers can supply one).
@@ -51,6 +62,15 @@ export interface FramedChannelOptions extends FrameOptions {
    * window, so the remote's `send()` waits), bytes. Default 64 MiB.
    */
   maxQueuedBytes?: number
+  /**
+   * Link emulation (see `link-shaper.ts`), asked on every `send` for the shaper of the link to the remote peer
+   * (undefined = a plain send). A shaped frame is written at once, preceded by a control frame with the time it
+   * reaches the receiver on the emulated link (after its serialisation at the link's rate and half the round trip);
+   * the receiver holds it until then, so the real stack's own latency and transfer time are part of the emulated ones
+   * rather than added to them. `send` resolves when the frame has left at the link's rate. Sender and receiver must
+   * share a clock (one machine: `edgeshard emulate`). Default: none.
+   */
+  linkShaper?: (remotePeer: string) => LinkShaper | undefined
 }
 
 interface AbortableOptions {
@@ -95,6 +115,17 @@ export class FramedChannel implements AsyncIterable<Frame> {
   private readonly decoder: FrameDecoder
   private readonly encodeOptions: FrameOptions
   private readonly maxQueuedBytes: number
+  private readonly linkShaper: ((remotePeer: string) => LinkShaper | undefined) | undefined
+  /** Bytes of an arrival control frame (constant: its time travels in an 8-byte body). */
+  private arrivalFrameBytes = 0
+  /** Arrival time (local `performance.now()` ms) announced for the next frame, if any. */
+  private nextArrivalMs: number | undefined
+  /** Frames held until their emulated arrival, in order, and whether a timer waits for the first. */
+  private readonly held: { frame: Frame; atMs: number }[] = []
+  private heldBytes = 0
+  private holding = false
+  /** How the read side ended while frames were still held (applied once they are delivered). */
+  private deferredEnd: { error: Error | undefined } | undefined
   private readonly queue: Frame[] = []
   private queueHead = 0
   private queuedBytes = 0
@@ -123,6 +154,7 @@ export class FramedChannel implements AsyncIterable<Frame> {
     }
     this.decoder = new FrameDecoder(options.maxFrameBytes === undefined ? {} : { maxFrameBytes: options.maxFrameBytes })
     this.maxQueuedBytes = options.maxQueuedBytes ?? DEFAULT_MAX_QUEUED_BYTES
+    this.linkShaper = options.linkShaper
     this.closed = new Promise<void>((resolve, reject) => {
       this.settleClosed = (err) => (err === undefined ? resolve() : reject(err))
     })
@@ -151,8 +183,27 @@ export class FramedChannel implements AsyncIterable<Frame> {
     if (typeof header?.type === 'string' && header.type.startsWith('$')) {
       throw new TypeError(`cannot send frame of type '${header.type}': types starting with '$' are reserved`)
     }
+    const shaper = this.linkShaper?.(this.remotePeer)
+    if (shaper !== undefined) {
+      await this.sendShaped(shaper, header, body, options.signal)
+      return
+    }
     const parts = encodeFrame(header, body, this.encodeOptions)
     await this.write(parts, options.signal, false)
+  }
+
+  /**
+   * Send over an emulated link: the arrival control frame and the frame in one stream write (the frame's body still
+   * 8-byte aligned for the receiver), then wait until the frame has left at the link's rate.
+   */
+  private async sendShaped(shaper: LinkShaper, header: FrameHeader, body: ArrayBufferView | null | undefined, signal: AbortSignal | undefined): Promise<void> {
+    const at = new Uint8Array(8)
+    if (this.arrivalFrameBytes === 0) this.arrivalFrameBytes = encodeFrame({ type: ARRIVAL_FRAME_TYPE }, at, this.encodeOptions).reduce((n, p) => n + p.byteLength, 0)
+    const parts = encodeFrame(header, body, { ...this.encodeOptions, frameStartOffset: (this.encodeOptions.frameStartOffset ?? 0) + this.arrivalFrameBytes })
+    const { departureMs, arrivalMs } = shaper.reserve(parts.reduce((n, p) => n + p.byteLength, 0))
+    new DataView(at.buffer).setFloat64(0, performance.timeOrigin + arrivalMs, true)
+    await this.write([...encodeFrame({ type: ARRIVAL_FRAME_TYPE }, at, this.encodeOptions), ...parts], signal, false)
+    await sleepUntil(departureMs, signal)
   }
 
   /** Write one frame's parts in one stream write; `closeFrame` = the close frame itself, sent while closing. */
@@ -319,6 +370,25 @@ export class FramedChannel implements AsyncIterable<Frame> {
         this.remoteSaidClose = true
         continue
       }
+      if (frame.header.type === ARRIVAL_FRAME_TYPE) {
+        if (frame.body.byteLength !== 8) {
+          this.abort(new FrameError(`peer ${this.remotePeer} sent an arrival frame of ${frame.body.byteLength} bytes, expected 8`))
+          return
+        }
+        const atMs = new DataView(frame.body.buffer, frame.body.byteOffset, 8).getFloat64(0, true) - performance.timeOrigin
+        this.nextArrivalMs = Number.isFinite(atMs) ? Math.min(atMs, performance.now() + MAX_HOLD_MS) : undefined
+        continue
+      }
+      // Arrival times are honoured only where this side emulates the link too (never on a plain agent).
+      const atMs = this.linkShaper?.(this.remotePeer) === undefined ? undefined : this.nextArrivalMs
+      this.nextArrivalMs = undefined
+      if (this.held.length > 0 || (atMs !== undefined && !isDue(atMs))) {
+        this.held.push({ frame, atMs: atMs ?? 0 })
+        this.heldBytes += frame.body.byteLength
+        this.pauseIfFull()
+        this.releaseHeld()
+        continue
+      }
       this.enqueue(frame)
     }
     if (this.remoteSaidClose && this.decoder.idle) this.endRead(undefined)
@@ -385,7 +455,12 @@ export class FramedChannel implements AsyncIterable<Frame> {
     }
     this.queue.push(frame)
     this.queuedBytes += frame.body.byteLength
-    if (!this.paused && this.queuedBytes > this.maxQueuedBytes && this.stream.readStatus === 'readable') {
+    this.pauseIfFull()
+  }
+
+  /** Pauses the stream while the frames queued and held for their emulated arrival exceed the cap. */
+  private pauseIfFull(): void {
+    if (!this.paused && this.queuedBytes + this.heldBytes > this.maxQueuedBytes && this.stream.readStatus === 'readable') {
       this.paused = true
       this.stream.pause()
     }
@@ -404,15 +479,45 @@ export class FramedChannel implements AsyncIterable<Frame> {
       this.queueHead = 0
     }
     this.queuedBytes -= frame.body.byteLength
-    if (this.paused && this.queuedBytes <= this.maxQueuedBytes / 2) {
+    this.resumeIfRoom()
+    return frame
+  }
+
+  /** Resumes a paused stream once the frames queued and held are down to half the cap. */
+  private resumeIfRoom(): void {
+    if (this.paused && this.queuedBytes + this.heldBytes <= this.maxQueuedBytes / 2) {
       this.paused = false
       if (this.stream.readStatus === 'paused') this.stream.resume()
     }
-    return frame
+  }
+
+  /** Delivers the held frames whose emulated arrival has come, in order; waits for the next one; then any deferred end. */
+  private releaseHeld(): void {
+    if (this.holding) return
+    while (this.held.length > 0 && isDue(this.held[0]!.atMs)) {
+      const { frame } = this.held.shift()!
+      this.heldBytes -= frame.body.byteLength
+      this.enqueue(frame)
+    }
+    this.resumeIfRoom()
+    if (this.held.length > 0) {
+      this.holding = true
+      void sleepUntil(this.held[0]!.atMs).then(() => {
+        this.holding = false
+        if (this.readEnd === undefined) this.releaseHeld()
+      })
+    } else if (this.deferredEnd !== undefined) {
+      this.endRead(this.deferredEnd.error)
+    }
   }
 
   private endRead(error: Error | undefined): void {
     if (this.readEnd !== undefined) return
+    if (this.held.length > 0 && !this.abortedLocally) {
+      // frames still crossing the emulated link arrive first, as they would on a real one
+      this.deferredEnd ??= { error }
+      return
+    }
     this.readEnd = { error }
     if (error !== undefined) {
       // frames already queued are still delivered before the error; drop nothing here

@@ -100,3 +100,36 @@ export class CodecError extends Error {
     this.name = 'CodecError'
   }
 }
+
+/**
+ * A peer is not a member of this cluster: not in the trusted peer ids (a trust file) this node was given. Raised when
+ * dialling a non-member; inbound non-members are refused without an error object reaching the caller (see
+ * `MembershipOptions.onRefused`).
+ */
+export class MembershipError extends Error {
+  static override name = 'MembershipError'
+  /** Peer id string of the refused peer. */
+  readonly peer: string
+
+  constructor(peer: string, message: string, options?: ErrorOptions) {
+    super(message, options)
+    this.name = 'MembershipError'
+    this.peer = peer
+  }
+}
+
+/**
+ * Two processes hold the same libp2p identity (a copied key file): this node dialled its own peer id, or two agents
+ * reached at different addresses answered as one peer id.
+ */
+export class DuplicateIdentityError extends Error {
+  static override name = 'DuplicateIdentityError'
+  /** The peer id used twice. */
+  readonly peer: string
+
+  constructor(peer: string, message: string, options?: ErrorOptions) {
+    super(message, options)
+    this.name = 'DuplicateIdentityError'
+    this.peer = peer
+  }
+}

@@ -30,10 +30,18 @@ export {
   FrameDecoder,
   MAX_HEADER_BYTES,
 } from './frame.ts'
-export type { ChannelHandler, DiscoveredPeer, DiscoveryOptions, TransportNodeOptions } from './node.ts'
+export type {
+  ChannelHandler,
+  DialOptions,
+  DiscoveredPeer,
+  DiscoveryOptions,
+  MembershipOptions,
+  MembershipRefusal,
+  TransportNodeOptions,
+} from './node.ts'
 export { DEFAULT_DIAL_TIMEOUT_MS, TransportNode } from './node.ts'
 export { INFO_PROTOCOL, MDNS_SERVICE_TAG, TENSOR_PARALLEL_PROTOCOL } from './protocols.ts'
-export { SPLIT_PROTOCOL } from './protocols.ts'
+export { SPLIT_PROTOCOL, STAGE_PROTOCOL } from './protocols.ts'
 export {
   type BottleneckCodec,
   CODEC_COMPRESSIONS,
@@ -51,5 +59,5 @@ export {
   f32ToF16Bits,
   parseCodec,
 } from './bottleneck-codec.ts'
-export { CodecError } from './errors.ts'
-export { type FrameLink, type LinkEmulation, parseLinkEmulation, ShapedChannel } from './link-shaper.ts'
+export { CodecError, DuplicateIdentityError, MembershipError } from './errors.ts'
+export { type FrameLink, type LinkEmulation, LinkShaper, parseLinkEmulation, ShapedChannel } from './link-shaper.ts'

@@ -5,6 +5,10 @@
  *
  * A frame of B bytes queued at time t departs at max(t, previous departure) + B·8/rate and reaches the channel half a
  * round trip later; frames keep their order. Timers give about 1 ms resolution.
+ *
+ * Two ways in: `ShapedChannel` wraps one channel (split computing), and `LinkShaper` plugged into a node's channels
+ * (`FramedChannelOptions.linkShaper`, looked up per remote peer on every send) shapes all traffic to a peer, whatever
+ * the protocol (the cluster emulator, `edgeshard emulate`).
  */
 import type { FramedChannel } from './channel.ts'
 import type { Frame, FrameHeader } from './frame.ts'
@@ -29,6 +33,63 @@ export function parseLinkEmulation(text: string): LinkEmulation {
   return { rttMs: Number(m[3]), bitsPerSecond }
 }
 
+/**
+ * One direction of an emulated link, shared by every channel a process has to one remote peer (so two streams to the
+ * same peer share its rate, as on a real link). Reserves the link for each frame: a frame of B bytes queued at time
+ * t departs at max(t, previous departure) + B·8/rate and arrives half a round trip later (`performance.now()` ms).
+ */
+export class LinkShaper {
+  readonly link: LinkEmulation
+  #lastDepartureMs = 0
+
+  /** @throws RangeError unless the rate is positive and the round trip is not negative */
+  constructor(link: LinkEmulation) {
+    if (!(link.bitsPerSecond > 0) || !(link.rttMs >= 0)) throw new RangeError(`invalid link emulation: ${link.bitsPerSecond} bit/s, rtt ${link.rttMs} ms`)
+    this.link = link
+  }
+
+  /** Books the link for a frame of `wireBytes` bytes queued now: when it has left the sender and when it arrives, ms. */
+  reserve(wireBytes: number): { readonly departureMs: number; readonly arrivalMs: number } {
+    const departureMs = Math.max(performance.now(), this.#lastDepartureMs) + (wireBytes * 8 * 1000) / this.link.bitsPerSecond
+    this.#lastDepartureMs = departureMs
+    return { departureMs, arrivalMs: departureMs + this.link.rttMs / 2 }
+  }
+}
+
+/** How late timers fire here, ms: a moving average, so emulated delays aim early by that much. */
+let timerLatenessMs = 0.2
+/** A wait shorter than this is not worth a timer (they fire ≥ 1 ms late for sub-ms delays): go at once. */
+const MIN_TIMER_WAIT_MS = 0.5
+
+/** True when `targetMs` (`performance.now()` clock) is too close for a timer: act now (see {@link sleepUntil}). */
+export function isDue(targetMs: number): boolean {
+  return targetMs - performance.now() - timerLatenessMs < MIN_TIMER_WAIT_MS
+}
+
+/**
+ * Resolves at `targetMs` (`performance.now()` clock) as closely as timers allow: aims early by the timers' measured
+ * lateness, and resolves at once when less than half a millisecond is left (a timer cannot wait less than 1 ms).
+ * Rejects with the signal's reason when it aborts first.
+ */
+export function sleepUntil(targetMs: number, signal?: AbortSignal): Promise<void> {
+  if (isDue(targetMs)) return signal?.aborted ? Promise.reject(signal.reason) : Promise.resolve()
+  const waitMs = targetMs - performance.now() - timerLatenessMs
+  return new Promise((resolve, reject) => {
+    const askedMs = performance.now()
+    const timer = setTimeout(() => {
+      signal?.removeEventListener('abort', onAbort)
+      const lateMs = performance.now() - askedMs - Math.max(1, waitMs)
+      timerLatenessMs = 0.9 * timerLatenessMs + 0.1 * Math.min(5, Math.max(0, lateMs))
+      resolve()
+    }, waitMs)
+    const onAbort = (): void => {
+      clearTimeout(timer)
+      reject(signal?.reason)
+    }
+    signal?.addEventListener('abort', onAbort, { once: true })
+  })
+}
+
 /** The channel operations a shaped or plain channel offers (the subset split computing uses). */
 export interface FrameLink {
   readonly remotePeer: string
@@ -37,7 +98,8 @@ export interface FrameLink {
   close(): Promise<void>
 }
 
-function sleep(ms: number, signal?: AbortSignal): Promise<void> {
+/** Resolves after `ms` (at once for ms ≤ 0); rejects with the signal's reason when it aborts first. */
+export function sleep(ms: number, signal?: AbortSignal): Promise<void> {
   if (ms <= 0) return Promise.resolve()
   return new Promise((resolve, reject) => {
     const timer = setTimeout(() => {

@@ -10,19 +10,26 @@
  * X25519 (`noise-crypto.ts`, interoperable with any libp2p noise peer); each libp2p send is one socket write and
  * noise's decoder builds no Error per message (`connection-tuning.ts`); yamux grants receive window per half window
  * instead of per frame (`yamux-window.ts`); frames are padded so tensor bodies arrive 8-byte aligned (no copy).
+ *
+ * Membership (issue 8): `membership.trustedPeers` admits only the listed peer ids. The connection gater refuses any
+ * other peer right after the noise handshake (before a muxer or a stream exists), in both directions, and every
+ * inbound stream is checked again before its handler runs; refusals are logged with the peer id. `membership.psk`
+ * makes this node a libp2p private network (XSalsa20 under noise, @libp2p/pnet): a peer without the same key cannot
+ * complete a connection at all. Noise stays on in every case: nothing is ever sent in plaintext.
  */
 import { noise } from '@chainsafe/libp2p-noise'
 import { yamux } from '@chainsafe/libp2p-yamux'
-import type { Connection, Libp2p, PrivateKey, Stream } from '@libp2p/interface'
+import type { Connection, Libp2p, PeerDiscovery, PrivateKey, Stream } from '@libp2p/interface'
 import { logger } from '@libp2p/logger'
 import { mdns } from '@libp2p/mdns'
+import { preSharedKey } from '@libp2p/pnet'
 import { tcp } from '@libp2p/tcp'
 import { multiaddr } from '@multiformats/multiaddr'
 import { createLibp2p } from 'libp2p'
 import type { FramedChannelOptions } from './channel.ts'
 import { FramedChannel } from './channel.ts'
 import { withConnectionTuning } from './connection-tuning.ts'
-import { ChannelClosedError, DialError, NotStartedError } from './errors.ts'
+import { ChannelClosedError, DialError, DuplicateIdentityError, MembershipError, NotStartedError } from './errors.ts'
 import { nodeNoiseCrypto } from './noise-crypto.ts'
 import { batchWindowUpdates } from './yamux-window.ts'
 import { MDNS_SERVICE_TAG } from './protocols.ts'
@@ -51,6 +58,46 @@ export interface TransportNodeOptions extends FramedChannelOptions {
   mdns?: DiscoveryOptions
   /** Called each time mDNS reports a peer (repeats as the peer answers later queries). */
   onPeerDiscovered?: (peer: DiscoveredPeer) => void
+  /**
+   * Called when mDNS hears another process announce this node's own peer id (its addresses, without `/p2p/`): two
+   * processes started from copies of one identity key. libp2p itself drops such answers silently.
+   */
+  onSelfDiscovered?: (addresses: readonly string[]) => void
+  /** Who may connect. Default: any peer that completes the noise handshake. */
+  membership?: MembershipOptions
+}
+
+/** Cluster membership: a set of trusted peer ids, a pre-shared network key, or both. */
+export interface MembershipOptions {
+  /** Peer id strings admitted, e.g. from a trust file. Absent: every peer id is admitted. */
+  trustedPeers?: ReadonlySet<string>
+  /** Where `trustedPeers` came from, named in refusals (e.g. `trust file /etc/edgeshard/trust`). */
+  trustSource?: string
+  /**
+   * A libp2p private network key: the bytes of a `/key/swarm/psk/1.0.0/` file (three lines: that tag, `/base16/`,
+   * 64 hex digits). Peers without the same key fail the connection before noise. Source: libp2p pnet spec.
+   */
+  psk?: Uint8Array
+  /** Called for each refused non-member (after the log line), e.g. to print it. */
+  onRefused?: (refusal: MembershipRefusal) => void
+}
+
+/** One refused peer: its id, the remote address, which side dialled, and the protocol when a stream was refused. */
+export interface MembershipRefusal {
+  readonly peer: string
+  readonly address: string
+  readonly direction: 'inbound' | 'outbound'
+  readonly protocol?: string
+}
+
+/** Options of `TransportNode.dial`. */
+export interface DialOptions {
+  signal?: AbortSignal
+  /**
+   * Open a new connection even when one to the same peer id is open (libp2p otherwise reuses it, so a second address
+   * announcing the same peer id would silently reach the first process). Default false.
+   */
+  fresh?: boolean
 }
 
 /** mDNS discovery settings (RFC 6762 multicast DNS, as libp2p's mDNS spec uses it). */
@@ -90,6 +137,8 @@ export class TransportNode {
   private readonly channelOptions: FramedChannelOptions
   private libp2p: Libp2p | undefined
   private readonly channels = new Set<FramedChannel>()
+  /** Outbound connections the gater refused: dialled address (without `/p2p/`) → peer id, for `dial`'s error. */
+  private readonly refusedDials = new Map<string, string>()
 
   constructor(options: TransportNodeOptions = {}) {
     this.options = options
@@ -101,21 +150,31 @@ export class TransportNode {
     if (this.libp2p !== undefined) return
     const socketOptions = { noDelay: true, keepAlive: true }
     const discovery = this.options.mdns
+    const psk = this.options.membership?.psk
+    const gate = (direction: 'inbound' | 'outbound') => (peerId: { toString(): string }, maConn: { remoteAddr: { toString(): string } }) =>
+      !this.admits(peerId.toString(), { address: maConn.remoteAddr.toString(), direction })
     this.libp2p = await createLibp2p({
       ...(this.options.privateKey === undefined ? {} : { privateKey: this.options.privateKey }),
       addresses: { listen: [...(this.options.listen ?? [])] },
       transports: [tcp({ dialOpts: socketOptions, listenOpts: socketOptions })],
+      ...(psk === undefined ? {} : { connectionProtector: preSharedKey({ psk }) }),
       connectionEncrypters: [withConnectionTuning(noise({ crypto: nodeNoiseCrypto }))],
       streamMuxers: [yamux({ enableKeepAlive: true })],
+      connectionGater: {
+        denyInboundEncryptedConnection: gate('inbound'),
+        denyOutboundEncryptedConnection: gate('outbound'),
+      },
       peerDiscovery:
         discovery === undefined
           ? []
           : [
-              mdns({
-                broadcast: discovery.announce ?? true,
-                interval: discovery.queryIntervalMs ?? 10_000,
-                serviceTag: discovery.serviceTag ?? MDNS_SERVICE_TAG,
-              }),
+              this.watchSelf(
+                mdns({
+                  broadcast: discovery.announce ?? true,
+                  interval: discovery.queryIntervalMs ?? 10_000,
+                  serviceTag: discovery.serviceTag ?? MDNS_SERVICE_TAG,
+                }),
+              ),
             ],
       // the connection monitor opens a ping stream per connection every 10 s; Yamux keepalive suffices here
       connectionMonitor: { enabled: false },
@@ -184,6 +243,11 @@ export class TransportNode {
     await this.started().handle(
       protocol,
       (stream: Stream, connection: Connection) => {
+        const peer = connection.remotePeer.toString()
+        if (!this.admits(peer, { address: connection.remoteAddr.toString(), direction: 'inbound', protocol })) {
+          stream.abort(new MembershipError(peer, `peer ${peer} is not a member: stream for ${protocol} refused`))
+          return
+        }
         batchWindowUpdates(stream)
         const channel = this.track(new FramedChannel(stream, connection, this.channelOptions))
         Promise.resolve()
@@ -203,14 +267,17 @@ export class TransportNode {
   }
 
   /**
-   * Open a framed channel to `address` for `protocol`, reusing an open connection to that peer if any.
+   * Open a framed channel to `address` for `protocol`, reusing an open connection to that peer if any (unless
+   * `options.fresh`).
    *
    * @param address - multiaddr string, preferably with `/p2p/<peer id>` (then the remote's identity is verified)
    * @param options.signal - bounds the whole dial, together with the node's `dialTimeoutMs` (default 10 s)
-   * @throws TypeError if `address` is not a multiaddr; DialError naming the address when the peer is unreachable,
-   *   refuses, fails the handshake, does not handle `protocol`, or the signal fires first
+   * @throws TypeError if `address` is not a multiaddr; MembershipError when the peer there is not in
+   *   `membership.trustedPeers`; DuplicateIdentityError when the peer there has this node's own peer id (a copied
+   *   key); DialError naming the address when the peer is unreachable, refuses, fails the handshake (a different
+   *   pre-shared key, for one), does not handle `protocol`, or the signal fires first
    */
-  async dial(address: string, protocol: string, options: AbortableOptions = {}): Promise<FramedChannel> {
+  async dial(address: string, protocol: string, options: DialOptions = {}): Promise<FramedChannel> {
     const node = this.started()
     let ma: ReturnType<typeof multiaddr>
     try {
@@ -218,21 +285,74 @@ export class TransportNode {
     } catch (err) {
       throw new TypeError(`cannot dial '${address}': not a multiaddr`, { cause: err })
     }
+    const self = node.peerId.toString()
+    const named = /\/p2p\/([^/]+)$/.exec(address)?.[1]
+    if (named === self) throw duplicateSelf(self, address)
+    if (named !== undefined && !this.admits(named, { address, direction: 'outbound' })) throw this.notMember(named, address)
     const timeout = AbortSignal.timeout(this.options.dialTimeoutMs ?? DEFAULT_DIAL_TIMEOUT_MS)
     const signal = options.signal === undefined ? timeout : AbortSignal.any([options.signal, timeout])
     try {
       signal.throwIfAborted()
-      const connection = await node.dial(ma, { signal })
+      const connection = await node.dial(ma, { signal, ...(options.fresh ? { force: true } : {}) })
       const stream = await connection.newStream(protocol, { signal })
       batchWindowUpdates(stream)
       return this.track(new FramedChannel(stream, connection, this.channelOptions))
     } catch (err) {
+      const name = (err as Error | undefined)?.name
+      // the remote's id is known only after noise when the address has no /p2p/ part
+      if (name === 'InvalidPeerIdError' && /dial self/i.test((err as Error).message)) throw duplicateSelf(self, address, err)
+      const refused = this.refusedDials.get(addressKey(address))
+      if (name === 'ConnectionInterceptedError' && refused !== undefined) throw this.notMember(refused, address, err)
       const reason = signal.aborted
         ? `aborted (${describeReason(signal.reason)})`
         : err instanceof Error
           ? `${err.name}: ${err.message}`
           : String(err)
-      throw new DialError(address, `cannot dial ${address} for ${protocol}: ${reason}`, { cause: err })
+      // a private network (pnet) garbles the noise handshake of a peer without the same key: say so
+      const hint = name === 'EncryptionFailedError' ? ' (the handshake failed: do both sides use the same pre-shared key?)' : ''
+      throw new DialError(address, `cannot dial ${address} for ${protocol}: ${reason}${hint}`, { cause: err })
+    }
+  }
+
+  /**
+   * True when `peer` may talk to this node (always, without `membership.trustedPeers`). A refusal is logged with the
+   * peer id, reported to `membership.onRefused`, and remembered for `dial`'s error message.
+   */
+  private admits(peer: string, refusal: Omit<MembershipRefusal, 'peer'>): boolean {
+    const trusted = this.options.membership?.trustedPeers
+    if (trusted === undefined || trusted.has(peer)) return true
+    if (refusal.direction === 'outbound') {
+      if (this.refusedDials.size > 64) this.refusedDials.clear()
+      this.refusedDials.set(addressKey(refusal.address), peer)
+    }
+    log(
+      'refused non-member %s (%s %s%s)',
+      peer,
+      refusal.direction === 'inbound' ? 'from' : 'at',
+      refusal.address,
+      refusal.protocol === undefined ? '' : `, protocol ${refusal.protocol}`,
+    )
+    this.options.membership?.onRefused?.({ peer, ...refusal })
+    return false
+  }
+
+  private notMember(peer: string, address: string, cause?: unknown): MembershipError {
+    const source = this.options.membership?.trustSource ?? 'the trusted peer ids'
+    return new MembershipError(peer, `refusing ${address}: peer ${peer} is not a member (not in ${source})`, cause === undefined ? {} : { cause })
+  }
+
+  /** Wraps an mDNS discovery factory to report answers carrying this node's own peer id (`onSelfDiscovered`). */
+  private watchSelf<C>(factory: (components: C) => PeerDiscovery): (components: C) => PeerDiscovery {
+    return (components) => {
+      const discovery = factory(components)
+      discovery.addEventListener('peer', (evt) => {
+        const self = this.libp2p?.peerId
+        if (self === undefined || !evt.detail.id.equals(self)) return
+        const addresses = evt.detail.multiaddrs.map((ma) => ma.toString())
+        log.error('another process announces this node\'s peer id %s at %s', self.toString(), addresses.join(', '))
+        this.options.onSelfDiscovered?.(addresses)
+      })
+      return discovery
     }
   }
 
@@ -249,6 +369,21 @@ export class TransportNode {
     if (this.libp2p === undefined) throw new NotStartedError('transport node is not started: call start() first')
     return this.libp2p
   }
+}
+
+/** A dialled address without its `/p2p/<peer id>` suffix (as the gater sees the connection's remote address). */
+function addressKey(address: string): string {
+  return address.replace(/\/p2p\/[^/]+$/, '')
+}
+
+function duplicateSelf(peer: string, address: string, cause?: unknown): DuplicateIdentityError {
+  // on one machine the usual cause is not a copy but two processes reading the same default key file
+  const local = /^\/ip4\/127\.|^\/ip6\/::1\//.test(address) ? ' (on one machine: give each process its own key file)' : ''
+  return new DuplicateIdentityError(
+    peer,
+    `peer ID ${peer} is used by two agents (this process and the one at ${address}): copy of an identity key?${local}`,
+    cause === undefined ? {} : { cause },
+  )
 }
 
 function describeReason(reason: unknown): string {

@@ -8,7 +8,8 @@ export const TENSOR_PARALLEL_PROTOCOL = '/edgeshard/tp/1.0.0'
 
 /**
  * Agent status: the dialler sends `{ type: 'info' }` frames, the agent answers each with `{ type: 'info', profile }`
- * (its device profile, see agent/peer-info.ts), so the dialler can also time round trips.
+ * (its device profile, see agent/peer-info.ts), so the dialler can also time round trips; a request's body is ignored,
+ * so a large one times throughput (agent/link-probe.ts).
  */
 export const INFO_PROTOCOL = '/edgeshard/info/1.0.0'
 
@@ -17,3 +18,9 @@ export const MDNS_SERVICE_TAG = '_edgeshard._udp.local'
 
 /** Split computing: a head peer sends encoded bottleneck tensors, the tail peer replies with the outputs (agent/split). */
 export const SPLIT_PROTOCOL = '/edgeshard/split/1.0.0'
+
+/**
+ * Inside one pipeline stage without the master (agent/stage-worker.ts): the stage's leader dials each member, sends
+ * `stage-join`, then relays forward passes and resets; allreduce frames flow as on the tensor-parallel protocol.
+ */
+export const STAGE_PROTOCOL = '/edgeshard/stage/1.0.0'

@@ -1,13 +1,14 @@
 /**
  * `edgeshard peers`: lists the agents reachable from here (mDNS on the LAN plus `--bootstrap` addresses) with their
- * device profile, free memory and measured round trip.
+ * device profile, free memory, measured decode rate and round trip.
  */
 import { type Command, Option } from 'commander'
 import { discoverAgents } from '../discovery.ts'
 import type { AgentProbe } from '../peer-info.ts'
 import { collect, wholeNumber } from './arguments.ts'
+import { addSecurityOptions, loadSecurity, type SecurityFlags } from './security.ts'
 
-interface PeersFlags {
+interface PeersFlags extends SecurityFlags {
   bootstrap?: string[]
   timeout: number
   json?: boolean
@@ -15,7 +16,10 @@ interface PeersFlags {
 }
 
 async function peers(flags: PeersFlags): Promise<void> {
+  // Agents with a trust file answer members only: ask with this device's identity (and its --psk).
+  const security = await loadSecurity(flags, 'master')
   const agents = await discoverAgents({
+    transport: { privateKey: security.identity.privateKey, ...(security.membership ? { membership: security.membership } : {}) },
     ...(flags.bootstrap ? { bootstrap: flags.bootstrap } : {}),
     timeoutMs: flags.timeout,
     mdns: flags.mdns,
@@ -36,7 +40,7 @@ async function peers(flags: PeersFlags): Promise<void> {
 export function formatTable(agents: readonly AgentProbe[]): string {
   const gib = (bytes: number): string => (bytes / 2 ** 30).toFixed(1)
   const rows = [
-    ['PEER', 'ADDRESS', 'HOST', 'PLATFORM', 'CORES', 'FREE/TOTAL GiB', 'LOAD', 'NODE', 'ORT', 'RTT ms', 'STATE'],
+    ['PEER', 'ADDRESS', 'HOST', 'PLATFORM', 'CORES', 'FREE/TOTAL GiB', 'DECODE GB/s', 'LOAD', 'NODE', 'ORT', 'RTT ms', 'STATE'],
     ...agents.map((a) => [
       a.peer,
       a.address.replace(/\/p2p\/[^/]+$/, ''),
@@ -44,6 +48,8 @@ export function formatTable(agents: readonly AgentProbe[]): string {
       a.profile.platform,
       String(a.profile.cores),
       `${gib(a.profile.freeMemoryBytes)}/${gib(a.profile.totalMemoryBytes)}`,
+      // measured by the agent (edgeshard profile): dense f32, 4-bit
+      a.profile.measured ? `${a.profile.measured.decodeGBs.toFixed(1)}/${(a.profile.measured.decodeNBitsGBs ?? a.profile.measured.decodeGBs).toFixed(1)}` : '-',
       a.profile.loadAverage.toFixed(2),
       a.profile.nodeVersion,
       a.profile.ortVersion,
@@ -57,12 +63,12 @@ export function formatTable(agents: readonly AgentProbe[]): string {
 
 /** Registers `edgeshard peers` on `program`. */
 export function registerPeers(program: Command): void {
-  program
+  const command = program
     .command('peers')
     .description('list the agents reachable from here (mDNS on the LAN, --bootstrap elsewhere): device, free memory, round trip')
     .option('--bootstrap <addrs>', 'agents to ask directly where mDNS does not reach (repeatable, comma-separated)', collect)
     .addOption(new Option('--timeout <ms>', 'how long to listen for agents').argParser(wholeNumber(1)).default(3000))
     .option('--no-mdns', 'ask the --bootstrap addresses only')
     .option('--json', 'print the agents as JSON (peer, address, profile, rttMs)')
-    .action(peers)
+  addSecurityOptions(command).action(peers)
 }

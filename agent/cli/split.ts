@@ -20,13 +20,14 @@ import {
 import { type BottleneckCodec, codecName, type LinkEmulation, parseCodec, parseLinkEmulation } from '../../transport/index.ts'
 import { UsageError } from '../errors.ts'
 import type { TypedTensor } from '../runtime.ts'
-import { SplitHeadClient } from '../split/head-client.ts'
+import { type HeadClientOptions, SplitHeadClient } from '../split/head-client.ts'
 import { readInputFile, readLabels } from '../split/inputs.ts'
 import { DEFAULT_MAX_CANDIDATES, type ProfiledPlan, profileAndPlan } from '../split/planning.ts'
 import { candidateLabel, defaultMetric, predictions, sliceItems } from '../split/profile.ts'
 import { SplitModel } from '../split/split-model.ts'
 import { SplitTailServer } from '../split/tail-server.ts'
 import { byteSize, collect, finiteNumber, wholeNumber } from './arguments.ts'
+import { addSecurityOptions, describeRefusal, loadSecurity, type SecurityFlags } from './security.ts'
 
 /** Codecs the planner tries by default. */
 export const DEFAULT_SPLIT_CODECS = ['f32', 'f32+zstd', 'f16', 'q8', 'q8+deflate', 'q8+brotli', 'q8+zstd', 'q8c+deflate', 'q4+deflate']
@@ -91,7 +92,7 @@ interface InputFlags {
   quiet?: boolean
 }
 
-interface PlanFlags extends InputFlags {
+interface PlanFlags extends InputFlags, SecurityFlags {
   server?: string
   link?: LinkEmulation
   codecs: BottleneckCodec[]
@@ -132,6 +133,7 @@ function addInputOptions(command: Command): Command {
 }
 
 function addPlanOptions(command: Command): Command {
+  addSecurityOptions(command) // identity and membership towards --server
   return command
     .addOption(new Option('--link <rate:rtt>', 'emulate this link (userspace delay + rate), e.g. 1mbit:20ms; without --server: the link to plan for').argParser(linkArg))
     .addOption(new Option('--codecs <list>', 'bottleneck codecs the planner tries (quantization[+compression[:level]])').argParser((v, prev: BottleneckCodec[] | undefined) => [...(prev ?? []), ...collect(v, undefined).map(codecArg)]))
@@ -245,7 +247,7 @@ async function plan(flags: PlanFlags): Promise<void> {
     if (!flags.quiet) process.stderr.write(`edgeshard split: ${line}\n`)
   }
   const { model, input } = await loadInputs(flags)
-  const client = flags.server ? await SplitHeadClient.connect(model, flags.server, flags.link ? { link: flags.link } : {}) : undefined
+  const client = flags.server ? await SplitHeadClient.connect(model, flags.server, { ...(flags.link ? { link: flags.link } : {}), transport: await headTransport(flags) }) : undefined
   try {
     const p = await planWith(model, input, flags, client, say)
     if (flags.json) {
@@ -291,7 +293,7 @@ async function run(flags: RunFlags): Promise<void> {
   const labels = flags.labels ? await readLabels(flags.labels, flags.offset, count) : undefined
   const wantsServer = flags.cut !== 'local'
   if (wantsServer && !flags.server) throw new UsageError('give --server ADDR (a running `edgeshard split serve`), or --cut local')
-  const client = wantsServer ? await SplitHeadClient.connect(model, flags.server!, flags.link ? { link: flags.link } : {}) : undefined
+  const client = wantsServer ? await SplitHeadClient.connect(model, flags.server!, { ...(flags.link ? { link: flags.link } : {}), transport: await headTransport(flags) }) : undefined
   const metric = defaultMetric(model)
   const outputsFile: Float32Array[] = []
   try {
@@ -393,9 +395,19 @@ async function run(flags: RunFlags): Promise<void> {
   }
 }
 
-async function serve(flags: { model: string; listen?: string[]; threads: number }): Promise<void> {
+/** The head's identity and membership (its own key file, --trust, --psk). */
+async function headTransport(flags: SecurityFlags): Promise<NonNullable<HeadClientOptions['transport']>> {
+  const security = await loadSecurity(flags, 'master')
+  return { privateKey: security.identity.privateKey, ...(security.membership ? { membership: security.membership } : {}) }
+}
+
+async function serve(flags: { model: string; listen?: string[]; threads: number } & SecurityFlags): Promise<void> {
+  const security = await loadSecurity(flags, 'agent', {
+    onRefused: (refusal) => process.stderr.write(`edgeshard split serve: ${describeRefusal(refusal, security.membership)}\n`),
+  })
   const model = await SplitModel.load(flags.model, { threads: flags.threads })
   const server = new SplitTailServer(model, {
+    transport: { privateKey: security.identity.privateKey, ...(security.membership ? { membership: security.membership } : {}) },
     listen: flags.listen ?? ['/ip4/0.0.0.0/tcp/0'],
     onSessionEnd: (peer, error) => {
       if (error) process.stderr.write(`edgeshard split serve: session with ${peer} ended: ${error.message}\n`)
@@ -416,13 +428,14 @@ async function serve(flags: { model: string; listen?: string[]; threads: number 
 export function registerSplit(program: Command): void {
   const split = program.command('split').description('split computing: run the head of an ONNX model here and its tail on a server (BottleFit)')
 
-  split
-    .command('serve')
-    .description('serve tails of a model: print the listening multiaddrs and answer head peers')
-    .requiredOption('--model <path>', 'ONNX model (the same file as the head peers)')
-    .option('--listen <addr>', 'multiaddr to listen on (repeatable, comma-separated)', collect)
-    .addOption(new Option('--threads <n>', 'onnxruntime threads').argParser(wholeNumber(1)).default(1))
-    .action(serve)
+  addSecurityOptions(
+    split
+      .command('serve')
+      .description('serve tails of a model: print the listening multiaddrs and answer head peers')
+      .requiredOption('--model <path>', 'ONNX model (the same file as the head peers)')
+      .option('--listen <addr>', 'multiaddr to listen on (repeatable, comma-separated)', collect)
+      .addOption(new Option('--threads <n>', 'onnxruntime threads').argParser(wholeNumber(1)).default(1)),
+  ).action(serve)
 
   addPlanOptions(
     addInputOptions(

@@ -6,15 +6,18 @@ import { existsSync, writeFileSync } from 'node:fs'
 import { cpus } from 'node:os'
 import { fileURLToPath } from 'node:url'
 import { type Command, Option } from 'commander'
-import { loadModel, type ModelDescription } from '../../splitter/index.ts'
-import { Cluster, planCluster } from '../cluster.ts'
-import { discoverAgents } from '../discovery.ts'
+import { type ClusterPlan, loadModel, type ModelDescription } from '../../splitter/index.ts'
+import type { LinkEmulation } from '../../transport/index.ts'
+import { Cluster } from '../cluster.ts'
+import { type DiscoverOptions, discoverAgents } from '../discovery.ts'
 import { DiscoveryError, UsageError } from '../errors.ts'
 import { type LocalWorkers, pinToCore, spawnLocalWorkers } from '../local-workers.ts'
 import type { AgentProbe } from '../peer-info.ts'
 import { loadTokenizer, type MasterTokenizer } from '../tokenizer/load-tokenizer.ts'
 import { byteSize, collect, wholeNumber } from './arguments.ts'
 import { createClusterProgress } from './cluster-progress.ts'
+import { describePlan, PLAN_HELP, resolvePlan } from './plan-option.ts'
+import { addSecurityOptions, loadSecurity, localWorkerIdentities, type SecurityFlags } from './security.ts'
 
 /** Where `npm start` finds its default model: ../shared/models beside the repository. */
 export const DEFAULT_MODEL = fileURLToPath(new URL('../../../shared/models/stories260K.bin', import.meta.url))
@@ -22,8 +25,8 @@ export const DEFAULT_MODEL = fileURLToPath(new URL('../../../shared/models/stori
 /** Default time `--discover` listens for agents, ms. */
 export const DEFAULT_DISCOVER_TIMEOUT_MS = 5000
 
-/** The flags `addClusterOptions` defines. */
-export interface ClusterFlags {
+/** The flags `addClusterOptions` defines (identity and membership: see security.ts). */
+export interface ClusterFlags extends SecurityFlags {
   model?: string
   tokenizer?: string
   peers?: number
@@ -42,10 +45,30 @@ export interface ClusterFlags {
   quiet?: boolean
   /** `--trace FILE.json`: Chrome trace events of every peer, written when the cluster stops. */
   trace?: string
+  /** `--plan tp|pipeline|hybrid|auto|STAGES` (see plan-option.ts). */
+  plan?: string
+  /** `--plan-file FILE.json`: a cluster plan (e.g. from `edgeshard plan`). */
+  planFile?: string
+}
+
+/** What `edgeshard emulate` changes in a cluster's start (see emulate.ts); `run` and `serve` use the defaults. */
+export interface ClusterSetup {
+  /**
+   * Starts the local workers instead of `spawnLocalWorkers` (e.g. each with its own memory budget and CPU quota);
+   * `agentArgs` are their identity and membership flags.
+   */
+  readonly spawnWorkers?: (count: number, agentArgs: (index: number) => readonly string[]) => Promise<LocalWorkers>
+  /** Emulated links between devices (0 = master, i = worker i). */
+  readonly links?: (from: number, to: number) => LinkEmulation | undefined
+  /** The plan `--plan auto` picks for the model over that many devices. */
+  readonly autoPlan?: (model: ModelDescription, nDevices: number) => ClusterPlan
+  /** Runs once the cluster is up, before anything is generated (e.g. measuring the emulated links). */
+  readonly onStarted?: (cluster: Cluster) => Promise<void>
 }
 
 /** Adds the cluster flags (model, peers/workers/discovery, threads, context, memory, quiet) to `command`. */
 export function addClusterOptions(command: Command): Command {
+  addSecurityOptions(command)
   return command
     .option('--model <path>', 'llama2.c checkpoint (.bin) or GGUF file (default: ../shared/models/stories260K.bin)')
     .option('--tokenizer <path>', 'llama2.c tokenizer.bin (default: tok<vocab>.bin or tokenizer.bin beside a .bin model)')
@@ -73,6 +96,8 @@ export function addClusterOptions(command: Command): Command {
     .option('--pin-cores', 'pin each local peer to its own core (Linux taskset; master on core 0)')
     .option('--quiet', 'no status lines or progress bars on stderr')
     .option('--trace <file>', 'write Chrome trace events of every peer (compute, allreduce, I/O, network, tokens) to this JSON file on exit')
+    .option('--plan <plan>', PLAN_HELP)
+    .option('--plan-file <file>', 'execute this cluster plan (JSON, e.g. from `edgeshard plan --json`)')
 }
 
 /** A running cluster with what the master needs to generate. */
@@ -94,7 +119,7 @@ export interface StartedCluster {
  * @throws UsageError for contradictory flags or a missing model; RangeError from the planner (before any process
  *   starts); DiscoveryError when discovery finds too few agents; DialError / PeerFailedError from the cluster.
  */
-export async function startCluster(flags: ClusterFlags): Promise<StartedCluster> {
+export async function startCluster(flags: ClusterFlags, setup: ClusterSetup = {}): Promise<StartedCluster> {
   const modelPath = flags.model ?? DEFAULT_MODEL
   if (!flags.model && !existsSync(modelPath)) {
     throw new UsageError(`no --model given and the default ${modelPath} does not exist; pass --model PATH (a llama2.c .bin checkpoint or a .gguf file)`)
@@ -111,15 +136,20 @@ export async function startCluster(flags: ClusterFlags): Promise<StartedCluster>
   const status = (line: string): void => {
     if (!flags.quiet) process.stderr.write(`edgeshard: ${line}\n`)
   }
+  // The master's identity and the workers it admits (issue 8); local workers get a fresh key each and are admitted.
+  // (a refused worker fails the start with a MembershipError naming it: no separate line for the refusal)
+  const security = await loadSecurity(flags, 'master')
+  if (security.identity.created) status(`created identity key ${security.identity.path}`)
+  const transport = { privateKey: security.identity.privateKey, ...(security.membership ? { membership: security.membership } : {}) }
 
   let workerAddrs = flags.workers?.split(',').map((a) => a.trim()).filter((a) => a.length > 0)
   if (discover) {
-    const agents = await findAgents(flags, status)
+    const agents = await findAgents(flags, status, transport)
     workerAddrs = agents.map((a) => a.address)
   }
   const nPeers = workerAddrs ? workerAddrs.length + 1 : (flags.peers ?? 3)
-  // Check the plan before any process starts or socket opens (throws RangeError naming the numbers).
-  planCluster(model, nPeers)
+  // Build and check the plan before any process starts or socket opens (throws RangeError naming the numbers).
+  const plan = resolvePlan(flags, model, nPeers, setup.autoPlan && (() => setup.autoPlan!(model, nPeers)))
 
   const threads = flags.threads ?? Math.max(1, Math.floor(cpus().length / (workerAddrs ? 1 : nPeers)))
   const budget = flags.memoryBudget === undefined ? {} : { memoryBudgetBytes: flags.memoryBudget }
@@ -129,7 +159,13 @@ export async function startCluster(flags: ClusterFlags): Promise<StartedCluster>
     let addresses: readonly string[] = workerAddrs ?? []
     if (!workerAddrs && nPeers > 1) {
       progress.line(`starting ${nPeers - 1} local worker${nPeers > 2 ? 's' : ''}`)
-      local = await spawnLocalWorkers(nPeers - 1, { ...budget, ...(flags.pinCores ? { pinCores: true } : {}) })
+      const identities = await localWorkerIdentities(security, nPeers - 1)
+      try {
+        local = await (setup.spawnWorkers?.(nPeers - 1, identities.args) ??
+          spawnLocalWorkers(nPeers - 1, { ...budget, ...(flags.pinCores ? { pinCores: true } : {}), agentArgs: identities.args }))
+      } finally {
+        identities.cleanup()
+      }
       addresses = local.addresses
     }
     // A lone master keeps every core for its onnxruntime threads; with local workers each peer gets its own core.
@@ -141,6 +177,9 @@ export async function startCluster(flags: ClusterFlags): Promise<StartedCluster>
       ...(flags.quantizedMatmul ? { quantizedMatmul: flags.quantizedMatmul } : {}),
       ...budget,
       ...(flags.trace ? { trace: true } : {}),
+      transport,
+      plan,
+      ...(setup.links ? { links: setup.links } : {}),
       onLayerDistributed: (layer, layers) => progress.layerDistributed(layer, layers),
       onWorkerReady: (index, peer) => {
         const pid = local?.processes[index - 1]?.pid
@@ -149,10 +188,12 @@ export async function startCluster(flags: ClusterFlags): Promise<StartedCluster>
     })
     progress.done()
     status(
-      `${model.path} on ${nPeers} peer${nPeers > 1 ? 's' : ''} (tensor parallel: ${cluster.plan.shards
-        .map((s) => `${s.kvHeads.count}kv/${s.ffnColumns.count}ffn`)
-        .join(' ')}), loaded in ${(performance.now() - loadStart).toFixed(0)} ms`,
+      `${model.path} on ${nPeers} peer${nPeers > 1 ? 's' : ''} (${describePlan(cluster.clusterPlan)}), loaded in ${(performance.now() - loadStart).toFixed(0)} ms`,
     )
+    await setup.onStarted?.(cluster).catch(async (err: unknown) => {
+      await cluster.stop().catch(() => {})
+      throw err
+    })
     const workers = local
     return {
       model,
@@ -182,7 +223,7 @@ export async function startCluster(flags: ClusterFlags): Promise<StartedCluster>
 }
 
 /** Idle agents for `--discover [N]` / `--bootstrap`, most free memory first. @throws DiscoveryError when too few. */
-async function findAgents(flags: ClusterFlags, status: (line: string) => void): Promise<AgentProbe[]> {
+async function findAgents(flags: ClusterFlags, status: (line: string) => void, transport: DiscoverOptions['transport']): Promise<AgentProbe[]> {
   const wanted = typeof flags.discover === 'number' ? flags.discover : undefined
   const timeoutMs = flags.discoverTimeout ?? DEFAULT_DISCOVER_TIMEOUT_MS
   status(`looking for ${wanted ?? 'all'} idle agent${wanted === 1 ? '' : 's'} on the network for up to ${timeoutMs} ms`)
@@ -190,6 +231,7 @@ async function findAgents(flags: ClusterFlags, status: (line: string) => void): 
     ...(flags.bootstrap ? { bootstrap: flags.bootstrap } : {}),
     ...(wanted !== undefined ? { wanted } : {}),
     timeoutMs,
+    ...(transport ? { transport } : {}),
     onFound: (a) => status(`found agent ${a.peer} at ${a.address} (${a.profile.hostname}, ${a.profile.cores} cores${a.profile.busy ? ', busy' : ''})`),
   })
   const idle = agents.filter((a) => !a.profile.busy).sort((a, b) => b.profile.freeMemoryBytes - a.profile.freeMemoryBytes)

@@ -16,6 +16,7 @@ import {
   ShapedChannel,
   SPLIT_PROTOCOL,
   TransportNode,
+  type TransportNodeOptions,
 } from '../../transport/index.ts'
 import { SplitProtocolError } from '../errors.ts'
 import type { TypedSession, TypedTensor } from '../runtime.ts'
@@ -30,6 +31,8 @@ export interface HeadClientOptions {
   /** Emulate this link on both directions (userspace delay + rate, see transport/link-shaper.ts). */
   readonly link?: LinkEmulation
   readonly signal?: AbortSignal
+  /** Identity and membership of the head's node (a tail with a trust file admits members only). Default: a fresh key. */
+  readonly transport?: Pick<TransportNodeOptions, 'privateKey' | 'membership'>
 }
 
 /** Timings and bytes of one request, ms and bytes. */
@@ -88,7 +91,7 @@ export class SplitHeadClient {
    * @throws DialError when unreachable; SplitProtocolError when the server holds another model or answers badly
    */
   static async connect(model: SplitModel, address: string, options: HeadClientOptions = {}): Promise<SplitHeadClient> {
-    const node = new TransportNode()
+    const node = new TransportNode({ ...options.transport })
     await node.start()
     try {
       const channel = await node.dial(address, SPLIT_PROTOCOL, options.signal ? { signal: options.signal } : {})

@@ -17,6 +17,7 @@ import {
   ShapedChannel,
   SPLIT_PROTOCOL,
   TransportNode,
+  type TransportNodeOptions,
 } from '../../transport/index.ts'
 import { SplitProtocolError } from '../errors.ts'
 import type { TypedSession, TypedTensor } from '../runtime.ts'
@@ -32,6 +33,8 @@ export interface TailServerOptions {
   readonly listen: readonly string[]
   /** Called when a head peer's session ends; `error` is set when it failed. */
   readonly onSessionEnd?: (peer: string, error?: Error) => void
+  /** Identity and membership of the server's node (trust set, pre-shared key). Default: a fresh key, anyone admitted. */
+  readonly transport?: Pick<TransportNodeOptions, 'privateKey' | 'membership'>
 }
 
 function observationOf(specs: readonly ObservedSpec[], batch: number): Observation {
@@ -63,7 +66,7 @@ export class SplitTailServer {
   constructor(model: SplitModel, options: TailServerOptions) {
     this.#model = model
     this.#options = options
-    this.#node = new TransportNode({ listen: [...options.listen] })
+    this.#node = new TransportNode({ listen: [...options.listen], ...options.transport })
   }
 
   /** Starts listening and handling the split protocol. */

@@ -106,7 +106,7 @@ describe.skipIf(!NETNS || !HAVE_MODELS)('mDNS discovery between two network name
       ip('-n', ns, 'route', 'add', '224.0.0.0/4', 'dev', dev)
     }
     // An agent as a user starts it: no flags, so it listens on every interface and announces itself.
-    agent = spawn('ip', ['netns', 'exec', nsAgent, process.execPath, CLI, 'agent'], { stdio: ['ignore', 'pipe', 'inherit'] })
+    agent = spawn('ip', ['netns', 'exec', nsAgent, process.execPath, CLI, 'agent', '--no-identity'], { stdio: ['ignore', 'pipe', 'inherit'] })
     agentPeer = await new Promise<string>((resolve, reject) => {
       let out = ''
       agent!.stdout!.on('data', (b: Buffer) => {

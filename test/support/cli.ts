@@ -76,19 +76,32 @@ export function childPids(pid: number): number[] {
 export interface RunningAgent {
   readonly address: string
   readonly child: ChildProcess
+  /** What the agent wrote to stderr so far (only with `captureStderr`; otherwise it goes to the test's stderr). */
+  stderr(): string
   stop(): Promise<void>
 }
 
-/** Starts `edgeshard agent --listen /ip4/127.0.0.1/tcp/0` and waits for its `listening` line. */
-export function startAgent(timeoutMs = 30_000, extraArgs: readonly string[] = []): Promise<RunningAgent> {
+/**
+ * Starts `edgeshard agent --listen /ip4/127.0.0.1/tcp/0` and waits for its `listening` line. The agent gets a fresh
+ * key (`--no-identity`: several agents on one machine cannot share the default key file) unless `extraArgs` names
+ * one with `--identity`.
+ */
+export function startAgent(timeoutMs = 30_000, extraArgs: readonly string[] = [], options: { captureStderr?: boolean } = {}): Promise<RunningAgent> {
   return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [CLI, 'agent', '--listen', '/ip4/127.0.0.1/tcp/0', ...extraArgs], { stdio: ['ignore', 'pipe', 'inherit'] })
+    const identity = extraArgs.includes('--identity') ? [] : ['--no-identity']
+    const child = spawn(process.execPath, [CLI, 'agent', '--listen', '/ip4/127.0.0.1/tcp/0', ...identity, ...extraArgs], {
+      stdio: ['ignore', 'pipe', options.captureStderr ? 'pipe' : 'inherit'],
+    })
+    let stderr = ''
+    child.stderr?.on('data', (b: Buffer) => {
+      stderr += b.toString()
+    })
     let buffered = ''
     const timer = setTimeout(() => {
       child.kill('SIGKILL')
       reject(new Error('edgeshard agent did not print its address'))
     }, timeoutMs)
-    child.stdout.on('data', (b: Buffer) => {
+    child.stdout!.on('data', (b: Buffer) => {
       buffered += b.toString()
       const match = /^listening (\S+)$/m.exec(buffered)
       if (!match) return
@@ -96,6 +109,7 @@ export function startAgent(timeoutMs = 30_000, extraArgs: readonly string[] = []
       resolve({
         address: match[1]!,
         child,
+        stderr: () => stderr,
         stop: () =>
           new Promise<void>((done) => {
             if (child.exitCode !== null || child.signalCode !== null) return done()
@@ -106,7 +120,7 @@ export function startAgent(timeoutMs = 30_000, extraArgs: readonly string[] = []
     })
     child.once('exit', (code) => {
       clearTimeout(timer)
-      reject(new Error(`edgeshard agent exited with code ${code} before listening`))
+      reject(new Error(`edgeshard agent exited with code ${code} before listening${stderr ? `: ${stderr.trim()}` : ''}`))
     })
   })
 }

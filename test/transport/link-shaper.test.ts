@@ -1,6 +1,6 @@
 /** The userspace link emulator over real libp2p channels on 127.0.0.1. */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { type FramedChannel, parseLinkEmulation, ShapedChannel, TransportNode } from '../../transport/index.ts'
+import { type FramedChannel, LinkShaper, parseLinkEmulation, ShapedChannel, TransportNode } from '../../transport/index.ts'
 
 const PROTOCOL = '/edgeshard/test-shaper/1.0.0'
 
@@ -48,5 +48,72 @@ describe('ShapedChannel', () => {
 
   it('refuses a link without a positive rate', () => {
     expect(() => new ShapedChannel(outbound, { rttMs: 1, bitsPerSecond: 0 })).toThrow(RangeError)
+  })
+})
+
+describe('emulated links on real libp2p streams (FramedChannelOptions.linkShaper on both nodes)', () => {
+  const RTT_MS = 20
+  const BITS_PER_SECOND = 40e6
+  const ECHO = '/edgeshard/test-echo/1.0.0'
+  // Each node shapes what it sends to the other: one LinkShaper per direction, looked up by the remote peer id.
+  const shapers = new Map<string, LinkShaper>()
+  const a = new TransportNode({ listen: ['/ip4/127.0.0.1/tcp/0'], linkShaper: (peer) => shapers.get(peer) })
+  const b = new TransportNode({ linkShaper: (peer) => shapers.get(peer) })
+  let channel: FramedChannel
+  const median = (values: number[]): number => values.sort((x, y) => x - y)[Math.floor(values.length / 2)]!
+
+  beforeAll(async () => {
+    await Promise.all([a.start(), b.start()])
+    await a.handle(ECHO, async (ch) => {
+      for await (const frame of ch) await ch.send({ type: 'pong', bytes: frame.body.byteLength })
+      await ch.close()
+    })
+    channel = await b.dial(a.multiaddrs()[0]!, ECHO)
+    await channel.send({ type: 'ping' }) // opens the stream unshaped
+    await channel.read()
+    shapers.set(a.peerId, new LinkShaper({ rttMs: RTT_MS, bitsPerSecond: BITS_PER_SECOND }))
+    shapers.set(b.peerId, new LinkShaper({ rttMs: RTT_MS, bitsPerSecond: BITS_PER_SECOND }))
+  })
+
+  afterAll(async () => {
+    await Promise.all([a.stop(), b.stop()])
+  })
+
+  it('gives round trips within 20 % of the emulated one (the real stack’s latency is part of it)', async () => {
+    const rttsMs: number[] = []
+    for (let i = 0; i < 15; i++) {
+      const t0 = performance.now()
+      await channel.send({ type: 'ping' })
+      await channel.read()
+      rttsMs.push(performance.now() - t0)
+    }
+    expect(Math.abs(median(rttsMs) - RTT_MS) / RTT_MS).toBeLessThan(0.2)
+  })
+
+  it('gives a throughput within 20 % of the emulated rate, and send waits for the frame to leave', async () => {
+    const bytes = 1_000_000 // 200 ms at 40 Mbit/s
+    const rates: number[] = []
+    for (let i = 0; i < 3; i++) {
+      const t0 = performance.now()
+      await channel.send({ type: 'data' }, new Uint8Array(bytes))
+      const sentMs = performance.now() - t0
+      expect(sentMs).toBeGreaterThan(0.8 * ((bytes * 8) / BITS_PER_SECOND) * 1e3)
+      const reply = await channel.read()
+      expect(reply?.header.bytes).toBe(bytes)
+      rates.push((bytes * 8) / ((performance.now() - t0 - RTT_MS) / 1e3))
+    }
+    expect(Math.abs(median(rates) - BITS_PER_SECOND) / BITS_PER_SECOND).toBeLessThan(0.2)
+  })
+
+  it('keeps frames in order and ends the stream only after the frames still on the link', async () => {
+    const ordered = await b.dial(a.multiaddrs()[0]!, ECHO)
+    const t0 = performance.now()
+    for (let n = 0; n < 5; n++) await ordered.send({ type: 'x', n }, new Uint8Array(1000 * n))
+    const closing = ordered.close()
+    const got: number[] = []
+    for await (const frame of ordered) got.push(frame.header.bytes as number)
+    await closing
+    expect(got).toEqual([0, 1000, 2000, 3000, 4000])
+    expect(performance.now() - t0).toBeGreaterThanOrEqual(RTT_MS)
   })
 })

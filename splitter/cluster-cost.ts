@@ -1,0 +1,231 @@
+/**
+ * The cost model of cluster plans: predicted decode time per token and memory per device, from device speeds, link
+ * round trips and bandwidths, and the bytes each device's share of the weights occupies. Pure.
+ *
+ * Decode is memory bound, so a block's compute is the bytes of its share / the device's decode rate, plus a fixed
+ * per-block overhead (session run, norms, RoPE). Per layer every tensor-parallel stage runs two star allreduces
+ * (TPI-LLM §3.1: after attention and after the FFN; hub = the stage's first device): members send their partial sums
+ * to the hub and get the sum back, 2 × (rtt/2 + bytes/bandwidth) over the slowest member link, plus the hub's
+ * additions. Hidden states move between stages through the master (prima.cpp-style pipeline, but routed as
+ * edgeshard executes it): the master sends x to the stage hub, the hub broadcasts it to its members, and returns the
+ * stage's output to the master. The master finally applies the classifier.
+ */
+import type { ClusterPlan, StagePlan } from './cluster-plan.ts'
+import type { LayerStorage, ModelCostShape, WeightStorage } from './model-cost.ts'
+import type { ShardSpec, UnitRange } from './tensor-parallel-plan.ts'
+
+/** A device as the planner sees it (a structural shape: devices/ is not imported). */
+export interface PlannerDevice {
+  /** Name used in messages. */
+  readonly name: string
+  /** Decode matvec rate with dense f32 weights, GB/s (1e9 bytes/s). */
+  readonly decodeGBs: number
+  /** The same for MatMulNBits weights, GB/s; default `decodeGBs`. */
+  readonly decodeNBitsGBs?: number
+  /** Bytes the planner may give this device: weights, KV cache, and on the master the embedding and classifier. */
+  readonly budgetBytes: number
+}
+
+/** A link between two devices. */
+export interface PlannerLink {
+  /** Round-trip time of a small message, ms. */
+  readonly rttMs: number
+  /** Throughput, Mbit/s. */
+  readonly mbps: number
+}
+
+/** Knobs of the cost model. */
+export interface ClusterCostOptions {
+  /** Fixed cost of running one block (attention or FFN) on one device, ms. Default {@link DEFAULT_BLOCK_OVERHEAD_MS}. */
+  readonly blockOverheadMs?: number
+  /** Bytes per value of hidden states and partial sums on the wire. Default 4 (f32). */
+  readonly wireBytesPerValue?: number
+  /** Positions the KV cache is sized for. Default: the model's `maxSeqLen`. */
+  readonly contextPositions?: number
+}
+
+/** Default fixed cost of one block on one device, ms (an onnxruntime run is ≈ 12 µs plus norms, RoPE, small ops). */
+export const DEFAULT_BLOCK_OVERHEAD_MS = 0.05
+
+/** What the cost model needs: the model, the devices (index 0 = master) and a link lookup. */
+export interface ClusterCostInput {
+  readonly model: ModelCostShape
+  readonly devices: readonly PlannerDevice[]
+  /** The link between devices `a` and `b` (indices; symmetric). Never called with a === b. */
+  readonly link: (a: number, b: number) => PlannerLink
+  readonly options?: ClusterCostOptions
+}
+
+/** Predicted decode time per token, ms, and its parts. */
+export interface PlanCost {
+  /** Block compute on the critical path (slowest member per block), all stages. */
+  readonly computeMs: number
+  /** Allreduce time (2 per layer per multi-device stage). */
+  readonly allreduceMs: number
+  /** Master → hub, hub broadcast to members, hub → master, all stages. */
+  readonly handoffMs: number
+  /** Final norm and classifier on the master. */
+  readonly headMs: number
+  readonly totalMs: number
+}
+
+/** Bytes a share of one layer occupies, split by how it is read. */
+export interface ShareBytes {
+  readonly denseBytes: number
+  readonly nbitsBytes: number
+}
+
+function add(acc: { dense: number; nbits: number }, s: WeightStorage, elements: number): void {
+  if (s.quantized) acc.nbits += elements * s.bytesPerElement
+  else acc.dense += elements * s.bytesPerElement
+}
+
+/** Bytes of a shard's attention share in one layer (Wq, Wk, Wv rows of its heads, Wo columns). */
+export function attentionShareBytes(model: ModelCostShape, layer: LayerStorage, shard: Pick<ShardSpec, 'heads' | 'kvHeads'>): ShareBytes {
+  const { dim, headDim } = model.config
+  const acc = { dense: 0, nbits: 0 }
+  add(acc, layer.wq, shard.heads.count * headDim * dim)
+  add(acc, layer.wo, shard.heads.count * headDim * dim)
+  add(acc, layer.wk, shard.kvHeads.count * headDim * dim)
+  add(acc, layer.wv, shard.kvHeads.count * headDim * dim)
+  return { denseBytes: acc.dense, nbitsBytes: acc.nbits }
+}
+
+/** Bytes of a shard's FFN share in one layer (W1, W3 rows and W2 columns of its SwiGLU columns). */
+export function ffnShareBytes(model: ModelCostShape, layer: LayerStorage, shard: Pick<ShardSpec, 'ffnColumns'>): ShareBytes {
+  const { dim } = model.config
+  const acc = { dense: 0, nbits: 0 }
+  add(acc, layer.w1, shard.ffnColumns.count * dim)
+  add(acc, layer.w3, shard.ffnColumns.count * dim)
+  add(acc, layer.w2, shard.ffnColumns.count * dim)
+  return { denseBytes: acc.dense, nbitsBytes: acc.nbits }
+}
+
+/** Time to read `bytes` on `device`, ms. */
+export function readMs(device: PlannerDevice, bytes: ShareBytes): number {
+  return bytes.denseBytes / (device.decodeGBs * 1e6) + bytes.nbitsBytes / ((device.decodeNBitsGBs ?? device.decodeGBs) * 1e6)
+}
+
+/** One-way transfer of `bytes` over `link`: rtt/2 + bytes / bandwidth, ms. */
+export function transferMs(link: PlannerLink, bytes: number): number {
+  return link.rttMs / 2 + (bytes * 8) / (link.mbps * 1e3)
+}
+
+/** KV cache bytes of a shard holding `kvHeads` KV heads over `layers` layers (agent/shard-encoding.ts kvCacheBytes). */
+export function kvCacheBytes(model: ModelCostShape, kvHeads: number, layers: number, contextPositions: number): number {
+  if (kvHeads === 0) return 0
+  return 2 * kvHeads * model.config.headDim * contextPositions * 4 * (layers + 1)
+}
+
+function layersOf(range: UnitRange): number[] {
+  return Array.from({ length: range.count }, (_, i) => range.start + i)
+}
+
+/**
+ * Memory each member of `stage` needs, bytes, in member order: its weights over the stage's layers (norm vectors
+ * included) plus its KV cache at the full context. The master's embedding and classifier are not included.
+ */
+export function stageMemoryBytes(input: ClusterCostInput, stage: StagePlan): number[] {
+  const model = input.model
+  const ctx = input.options?.contextPositions ?? model.config.maxSeqLen
+  return stage.tensorParallel.shards.map((shard) => {
+    let bytes = 0
+    for (const l of layersOf(stage.layers)) {
+      const layer = model.layers[l]!
+      const a = attentionShareBytes(model, layer, shard)
+      const f = ffnShareBytes(model, layer, shard)
+      bytes += a.denseBytes + a.nbitsBytes + f.denseBytes + f.nbitsBytes
+      if (shard.kvHeads.count > 0) bytes += model.config.dim * 4
+      if (shard.ffnColumns.count > 0) bytes += model.config.dim * 4
+    }
+    return bytes + kvCacheBytes(model, shard.kvHeads.count, stage.layers.count, ctx)
+  })
+}
+
+/** Memory every device needs under `plan`, bytes, by device index (the master's embedding and classifier included). */
+export function planMemoryBytes(input: ClusterCostInput, plan: Pick<ClusterPlan, 'stages'>): number[] {
+  const need = input.devices.map((_, i) => (i === 0 ? input.model.masterBytes : 0))
+  for (const stage of plan.stages) {
+    stageMemoryBytes(input, stage).forEach((bytes, i) => {
+      need[stage.devices[i]!]! += bytes
+    })
+  }
+  return need
+}
+
+/** Predicted cost of one stage per token (without the master's head). */
+export function stageCost(input: ClusterCostInput, stage: StagePlan): Omit<PlanCost, 'headMs' | 'totalMs'> {
+  const { model, devices } = input
+  const overheadMs = input.options?.blockOverheadMs ?? DEFAULT_BLOCK_OVERHEAD_MS
+  const vectorBytes = model.config.dim * (input.options?.wireBytesPerValue ?? 4)
+  const members = stage.devices
+  const hub = members[0]!
+  const link = (a: number, b: number): PlannerLink => (a === b ? { rttMs: 0, mbps: Number.POSITIVE_INFINITY } : input.link(a, b))
+
+  let handoffMs = 0
+  if (hub !== 0) handoffMs += transferMs(link(0, hub), vectorBytes) + transferMs(link(hub, 0), vectorBytes)
+  let allreduceOnceMs = 0
+  if (members.length > 1) {
+    // Broadcast of x at stage start: the hub's sends serialise on its uplink; the last one arrives half an rtt later.
+    let sendMs = 0
+    let halfRttMs = 0
+    let slowestMs = 0
+    for (const m of members.slice(1)) {
+      const l = link(hub, m)
+      sendMs += (vectorBytes * 8) / (l.mbps * 1e3)
+      halfRttMs = Math.max(halfRttMs, l.rttMs / 2)
+      slowestMs = Math.max(slowestMs, transferMs(l, vectorBytes))
+    }
+    handoffMs += sendMs + halfRttMs
+    const hubDevice = devices[hub]!
+    const hubSumMs = ((members.length - 1) * model.config.dim * 4 * 3) / (hubDevice.decodeGBs * 1e6)
+    allreduceOnceMs = 2 * slowestMs + hubSumMs
+  }
+
+  let computeMs = 0
+  for (const l of layersOf(stage.layers)) {
+    const layer = model.layers[l]!
+    let attentionMs = 0
+    let ffnMs = 0
+    stage.tensorParallel.shards.forEach((shard, i) => {
+      const device = devices[members[i]!]!
+      if (shard.kvHeads.count > 0) attentionMs = Math.max(attentionMs, readMs(device, attentionShareBytes(model, layer, shard)) + overheadMs)
+      if (shard.ffnColumns.count > 0) ffnMs = Math.max(ffnMs, readMs(device, ffnShareBytes(model, layer, shard)) + overheadMs)
+    })
+    computeMs += attentionMs + ffnMs
+  }
+  return { computeMs, allreduceMs: 2 * stage.layers.count * allreduceOnceMs, handoffMs }
+}
+
+/** The master's final norm and classifier per token, ms. */
+export function headCostMs(input: ClusterCostInput): number {
+  const { model } = input
+  const master = input.devices[0]!
+  const bytes = model.classifierQuantized ? { denseBytes: 0, nbitsBytes: model.classifierBytes } : { denseBytes: model.classifierBytes, nbitsBytes: 0 }
+  return readMs(master, bytes) + (input.options?.blockOverheadMs ?? DEFAULT_BLOCK_OVERHEAD_MS)
+}
+
+/**
+ * Predicted decode time per token of `plan` on the devices and links of `input` (see the module comment for the
+ * model). Prefill is not modelled.
+ * @throws RangeError when a stage names a device index outside `input.devices` or a layer outside the model
+ */
+export function predictClusterPlan(input: ClusterCostInput, plan: Pick<ClusterPlan, 'stages'>): PlanCost {
+  let computeMs = 0
+  let allreduceMs = 0
+  let handoffMs = 0
+  for (const stage of plan.stages) {
+    for (const d of stage.devices) {
+      if (!Number.isInteger(d) || d < 0 || d >= input.devices.length) throw new RangeError(`cannot cost a stage on device ${d}: there are ${input.devices.length} devices`)
+    }
+    if (stage.layers.start < 0 || stage.layers.start + stage.layers.count > input.model.layers.length) {
+      throw new RangeError(`cannot cost layers ${stage.layers.start}..${stage.layers.start + stage.layers.count}: the model has ${input.model.layers.length}`)
+    }
+    const c = stageCost(input, stage)
+    computeMs += c.computeMs
+    allreduceMs += c.allreduceMs
+    handoffMs += c.handoffMs
+  }
+  const headMs = headCostMs(input)
+  return { computeMs, allreduceMs, handoffMs, headMs, totalMs: computeMs + allreduceMs + handoffMs + headMs }
+}
