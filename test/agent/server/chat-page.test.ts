@@ -44,18 +44,22 @@ describe.skipIf(!HAVE_CHROMIUM)('chat page in headless Chromium', () => {
     expect(await page.locator('.msg.user').allTextContents()).toEqual(['hello there'])
 
     // The second turn carries the history: user, assistant, user → 1 + 2 + 5 + 1 tokens in the stand-in's encoding.
-    engine.tokenDelayMs = 300
+    engine.tokenDelayMs = 1000
     await page.fill('#prompt', 'and then')
     await page.click('#send')
     const second = page.locator('.msg.assistant').nth(1)
     await expect.poll(() => second.textContent(), { timeout: 10_000 }).toBe('Hello')
     await page.click('#stop')
     await second.and(page.locator('[data-done="stopped"]')).waitFor({ timeout: 10_000 })
+    // On a loaded machine one more token may land between the poll and the click: the answer stops where Stop found
+    // it, a proper prefix of the full one, and stays there.
+    const stoppedAt = (await second.textContent()) ?? ''
+    expect(['Hello', 'Hello world']).toContain(stoppedAt)
     await expect.poll(() => engine.started.length).toBe(2)
-    await new Promise((r) => setTimeout(r, 700))
+    await new Promise((r) => setTimeout(r, 1500))
     expect(engine.finished).toEqual([engine.started[0]]) // the stopped generation never ran to its end
     expect(engine.started[1]).toBe('10')
-    expect(await second.textContent()).toBe('Hello')
+    expect(await second.textContent()).toBe(stoppedAt)
     expect(pageErrors).toEqual([])
   }, 60_000)
 })
