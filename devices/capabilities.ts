@@ -25,6 +25,13 @@ export interface DeviceCapabilities {
   readonly prefillGflops: number
   /** Sequential read rate of the disk shard files live on, MB/s (1e6 bytes/s). */
   readonly diskReadMBs: number
+  /**
+   * Fixed cost of one decode block (attention or FFN) beyond reading its weights, ms: session run, norms, RoPE,
+   * attention over the cache. Absent: the planner's default.
+   */
+  readonly blockOverheadMs?: number
+  /** CPU time per message sent or received (framing, encryption, copies), beyond the link's round trip, ms. Absent: 0. */
+  readonly messageOverheadMs?: number
 }
 
 /** One direction of a link between two devices, as the application sees it (TCP payload). */
@@ -36,7 +43,16 @@ export interface LinkCapabilities {
 }
 
 /** Fields of {@link DeviceCapabilities}, required ones first. */
-export const CAPABILITY_FIELDS = ['memoryBytes', 'cores', 'decodeGBs', 'prefillGflops', 'diskReadMBs', 'decodeNBitsGBs'] as const
+export const CAPABILITY_FIELDS = [
+  'memoryBytes',
+  'cores',
+  'decodeGBs',
+  'prefillGflops',
+  'diskReadMBs',
+  'decodeNBitsGBs',
+  'blockOverheadMs',
+  'messageOverheadMs',
+] as const
 
 const REQUIRED = new Set<string>(['memoryBytes', 'cores', 'decodeGBs', 'prefillGflops', 'diskReadMBs'])
 
@@ -51,7 +67,8 @@ function describe(value: unknown): string {
 
 /**
  * Checks an untrusted capabilities object (JSON from a cluster file, a cache file or a peer) field by field: every
- * required field a finite number > 0, `decodeNBitsGBs` absent or the same, no other fields.
+ * required field a finite number > 0, `decodeNBitsGBs` absent or the same, `blockOverheadMs` and `messageOverheadMs`
+ * absent or a finite number ≥ 0, no other fields.
  * @param fail - called with the field and what is wrong; default throws RangeError `capabilities.<field>: ...`
  * @returns a fresh object with exactly the known fields
  */
@@ -68,13 +85,15 @@ export function parseCapabilities(value: unknown, fail?: CapabilityProblem): Dev
   for (const key of Object.keys(v)) {
     if (!(CAPABILITY_FIELDS as readonly string[]).includes(key)) problem(key, `unknown field (known: ${CAPABILITY_FIELDS.join(', ')})`)
   }
-  const number = (key: string): number | undefined => {
+  const number = (key: string, orZero = false): number | undefined => {
     const x = v[key]
     if (x === undefined && !REQUIRED.has(key)) return undefined
-    if (typeof x !== 'number' || !Number.isFinite(x) || x <= 0) problem(key, `expected a number > 0, got ${describe(x)}`)
+    if (typeof x !== 'number' || !Number.isFinite(x) || x < 0 || (x === 0 && !orZero)) problem(key, `expected a number ${orZero ? '≥' : '>'} 0, got ${describe(x)}`)
     return x as number
   }
   const nbits = number('decodeNBitsGBs')
+  const blockOverheadMs = number('blockOverheadMs', true)
+  const messageOverheadMs = number('messageOverheadMs', true)
   return {
     memoryBytes: number('memoryBytes')!,
     cores: number('cores')!,
@@ -82,6 +101,8 @@ export function parseCapabilities(value: unknown, fail?: CapabilityProblem): Dev
     ...(nbits === undefined ? {} : { decodeNBitsGBs: nbits }),
     prefillGflops: number('prefillGflops')!,
     diskReadMBs: number('diskReadMBs')!,
+    ...(blockOverheadMs === undefined ? {} : { blockOverheadMs }),
+    ...(messageOverheadMs === undefined ? {} : { messageOverheadMs }),
   }
 }
 

@@ -3,12 +3,19 @@
  * round trips and bandwidths, and the bytes each device's share of the weights occupies. Pure.
  *
  * Decode is memory bound, so a block's compute is the bytes of its share / the device's decode rate, plus a fixed
- * per-block overhead (session run, norms, RoPE). Per layer every tensor-parallel stage runs two star allreduces
- * (TPI-LLM §3.1: after attention and after the FFN; hub = the stage's first device): members send their partial sums
- * to the hub and get the sum back, 2 × (rtt/2 + bytes/bandwidth) over the slowest member link, plus the hub's
- * additions. Hidden states move between stages through the master (prima.cpp-style pipeline, but routed as
- * edgeshard executes it): the master sends x to the stage hub, the hub broadcasts it to its members, and returns the
- * stage's output to the master. The master finally applies the classifier.
+ * per-block overhead of that device (session run, norms, RoPE, attention over the cache: CPU work, so a slower device
+ * pays more). Per layer every tensor-parallel stage runs two star allreduces (TPI-LLM §3.1: after attention and after
+ * the FFN; hub = the stage's first device): members send their partial sums to the hub and get the sum back,
+ * 2 × (rtt/2 + bytes/bandwidth + the member's per-message cost) over the slowest member, plus the hub's additions and
+ * its per-message cost for each of the n − 1 partial sums it takes in and the n − 1 sums it sends (the last partial
+ * and the sends are on the critical path: n messages). Hidden states move between stages through the master
+ * (prima.cpp-style pipeline, but routed as edgeshard executes it): the master sends x to the stage hub, the hub
+ * broadcasts it to its members, and returns the stage's output to the master. The master finally applies the
+ * classifier.
+ *
+ * A link's rtt is the application-level round trip of a small message (as `agent/link-probe.ts` measures it over the
+ * real stream), so the per-message cost is only the CPU time a device spends on each message beyond that: framing,
+ * encryption, copies, waking its event loop (default 0).
  */
 import type { ClusterPlan, StagePlan } from './cluster-plan.ts'
 import type { LayerStorage, ModelCostShape, WeightStorage } from './model-cost.ts'
@@ -24,6 +31,10 @@ export interface PlannerDevice {
   readonly decodeNBitsGBs?: number
   /** Bytes the planner may give this device: weights, KV cache, and on the master the embedding and classifier. */
   readonly budgetBytes: number
+  /** Fixed cost of one block (attention or FFN) on this device, ms; default the options' `blockOverheadMs`. */
+  readonly blockOverheadMs?: number
+  /** CPU time this device spends on each message it sends or receives, ms; default the options' `messageOverheadMs`. */
+  readonly messageOverheadMs?: number
 }
 
 /** A link between two devices. */
@@ -36,8 +47,13 @@ export interface PlannerLink {
 
 /** Knobs of the cost model. */
 export interface ClusterCostOptions {
-  /** Fixed cost of running one block (attention or FFN) on one device, ms. Default {@link DEFAULT_BLOCK_OVERHEAD_MS}. */
+  /**
+   * Fixed cost of running one block (attention or FFN) on a device that does not give its own, ms. Default
+   * {@link DEFAULT_BLOCK_OVERHEAD_MS}.
+   */
   readonly blockOverheadMs?: number
+  /** Per-message CPU cost of a device that does not give its own, ms (see the module comment). Default 0. */
+  readonly messageOverheadMs?: number
   /** Bytes per value of hidden states and partial sums on the wire. Default 4 (f32). */
   readonly wireBytesPerValue?: number
   /** Positions the KV cache is sized for. Default: the model's `maxSeqLen`. */
@@ -106,6 +122,16 @@ export function readMs(device: PlannerDevice, bytes: ShareBytes): number {
   return bytes.denseBytes / (device.decodeGBs * 1e6) + bytes.nbitsBytes / ((device.decodeNBitsGBs ?? device.decodeGBs) * 1e6)
 }
 
+/** Fixed cost of one block on device `d` of `input`, ms: its own, else the options', else the default. */
+export function blockOverheadMs(input: Pick<ClusterCostInput, 'devices' | 'options'>, d: number): number {
+  return input.devices[d]!.blockOverheadMs ?? input.options?.blockOverheadMs ?? DEFAULT_BLOCK_OVERHEAD_MS
+}
+
+/** Per-message CPU cost of device `d` of `input`, ms: its own, else the options', else 0. */
+export function messageOverheadMs(input: Pick<ClusterCostInput, 'devices' | 'options'>, d: number): number {
+  return input.devices[d]!.messageOverheadMs ?? input.options?.messageOverheadMs ?? 0
+}
+
 /** One-way transfer of `bytes` over `link`: rtt/2 + bytes / bandwidth, ms. */
 export function transferMs(link: PlannerLink, bytes: number): number {
   return link.rttMs / 2 + (bytes * 8) / (link.mbps * 1e3)
@@ -156,30 +182,36 @@ export function planMemoryBytes(input: ClusterCostInput, plan: Pick<ClusterPlan,
 /** Predicted cost of one stage per token (without the master's head). */
 export function stageCost(input: ClusterCostInput, stage: StagePlan): Omit<PlanCost, 'headMs' | 'totalMs'> {
   const { model, devices } = input
-  const overheadMs = input.options?.blockOverheadMs ?? DEFAULT_BLOCK_OVERHEAD_MS
+  const msg = (d: number): number => messageOverheadMs(input, d)
   const vectorBytes = model.config.dim * (input.options?.wireBytesPerValue ?? 4)
   const members = stage.devices
   const hub = members[0]!
   const link = (a: number, b: number): PlannerLink => (a === b ? { rttMs: 0, mbps: Number.POSITIVE_INFINITY } : input.link(a, b))
 
   let handoffMs = 0
-  if (hub !== 0) handoffMs += transferMs(link(0, hub), vectorBytes) + transferMs(link(hub, 0), vectorBytes)
+  // x from the master to the hub and the stage's output back: a send and a receive on each side.
+  if (hub !== 0) handoffMs += transferMs(link(0, hub), vectorBytes) + transferMs(link(hub, 0), vectorBytes) + 2 * msg(0) + 2 * msg(hub)
   let allreduceOnceMs = 0
   if (members.length > 1) {
-    // Broadcast of x at stage start: the hub's sends serialise on its uplink; the last one arrives half an rtt later.
+    // Broadcast of x at stage start: the hub's sends serialise on its uplink and its CPU; the last one arrives half
+    // an rtt later and is taken in by its member.
     let sendMs = 0
     let halfRttMs = 0
     let slowestMs = 0
+    let slowestReceiveMs = 0
     for (const m of members.slice(1)) {
       const l = link(hub, m)
-      sendMs += (vectorBytes * 8) / (l.mbps * 1e3)
+      sendMs += (vectorBytes * 8) / (l.mbps * 1e3) + msg(hub)
       halfRttMs = Math.max(halfRttMs, l.rttMs / 2)
-      slowestMs = Math.max(slowestMs, transferMs(l, vectorBytes))
+      slowestMs = Math.max(slowestMs, transferMs(l, vectorBytes) + msg(m))
+      slowestReceiveMs = Math.max(slowestReceiveMs, msg(m))
     }
-    handoffMs += sendMs + halfRttMs
+    handoffMs += sendMs + halfRttMs + slowestReceiveMs
     const hubDevice = devices[hub]!
     const hubSumMs = ((members.length - 1) * model.config.dim * 4 * 3) / (hubDevice.decodeGBs * 1e6)
-    allreduceOnceMs = 2 * slowestMs + hubSumMs
+    // Up and down the slowest member link (each way: transfer and the member's send or receive), the hub's additions,
+    // and the hub's messages on the critical path: the last partial sum in, the n − 1 sums out.
+    allreduceOnceMs = 2 * slowestMs + hubSumMs + members.length * msg(hub)
   }
 
   let computeMs = 0
@@ -189,6 +221,7 @@ export function stageCost(input: ClusterCostInput, stage: StagePlan): Omit<PlanC
     let ffnMs = 0
     stage.tensorParallel.shards.forEach((shard, i) => {
       const device = devices[members[i]!]!
+      const overheadMs = blockOverheadMs(input, members[i]!)
       if (shard.kvHeads.count > 0) attentionMs = Math.max(attentionMs, readMs(device, attentionShareBytes(model, layer, shard)) + overheadMs)
       if (shard.ffnColumns.count > 0) ffnMs = Math.max(ffnMs, readMs(device, ffnShareBytes(model, layer, shard)) + overheadMs)
     })
@@ -202,7 +235,7 @@ export function headCostMs(input: ClusterCostInput): number {
   const { model } = input
   const master = input.devices[0]!
   const bytes = model.classifierQuantized ? { denseBytes: 0, nbitsBytes: model.classifierBytes } : { denseBytes: model.classifierBytes, nbitsBytes: 0 }
-  return readMs(master, bytes) + (input.options?.blockOverheadMs ?? DEFAULT_BLOCK_OVERHEAD_MS)
+  return readMs(master, bytes) + blockOverheadMs(input, 0)
 }
 
 /**

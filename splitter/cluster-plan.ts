@@ -535,6 +535,12 @@ function checkInput(input: ClusterPlanInput): void {
     ] as const) {
       if (!Number.isFinite(value) || value <= 0) throw new RangeError(`cannot plan with device ${d.name}: ${key} is ${value}, need a finite number > 0`)
     }
+    for (const [key, value] of [
+      ['blockOverheadMs', d.blockOverheadMs ?? 0],
+      ['messageOverheadMs', d.messageOverheadMs ?? 0],
+    ] as const) {
+      if (!Number.isFinite(value) || value < 0) throw new RangeError(`cannot plan with device ${d.name}: ${key} is ${value}, need a finite number ≥ 0`)
+    }
   }
   if (input.model.layers.length !== input.model.config.nLayers) {
     throw new RangeError(`cannot plan: the cost shape has ${input.model.layers.length} layers, the config ${input.model.config.nLayers}`)

@@ -43,9 +43,13 @@ export {
   waterFill,
 } from './cluster-plan.ts'
 export {
+  attentionShareBytes,
+  blockOverheadMs,
   type ClusterCostInput,
   type ClusterCostOptions,
   DEFAULT_BLOCK_OVERHEAD_MS,
+  ffnShareBytes,
+  messageOverheadMs,
   type PlanCost,
   type PlannerDevice,
   type PlannerLink,

@@ -40,6 +40,8 @@ export function clusterPlanInput(
       name: d.name,
       decodeGBs: d.capabilities.decodeGBs,
       ...(d.capabilities.decodeNBitsGBs === undefined ? {} : { decodeNBitsGBs: d.capabilities.decodeNBitsGBs }),
+      ...(d.capabilities.blockOverheadMs === undefined ? {} : { blockOverheadMs: d.capabilities.blockOverheadMs }),
+      ...(d.capabilities.messageOverheadMs === undefined ? {} : { messageOverheadMs: d.capabilities.messageOverheadMs }),
       budgetBytes: d.memoryBudgetBytes,
     })),
     link: (a, b) => clusterLink(cluster, a, b),
@@ -158,7 +160,9 @@ export function registerPlan(program: Command): void {
     .requiredOption('--cluster <file>', 'cluster file (JSON: devices with profiles and memory budgets, links; see README)')
     .option('--json', 'print the chosen plan in full, the alternatives and the reasons as JSON')
     .addOption(new Option('--context <n>', 'KV cache positions to plan memory for (default: what the model declares)').argParser(wholeNumber(1)))
-    .addOption(new Option('--block-overhead-ms <ms>', 'fixed cost of one block on one device in the cost model (default 0.05)').argParser(finiteNumber))
+    .addOption(
+      new Option('--block-overhead-ms <ms>', "fixed cost of one block on a device whose profile gives none, in the cost model (default 0.05)").argParser(finiteNumber),
+    )
     .addOption(new Option('--quantized-matmul <mode>', 'activations of Q4_0/Q8_0 matmuls carried in the plan').choices(['exact', 'int8']).default('exact'))
     .action(plan)
 }

@@ -86,6 +86,15 @@ describe('cluster files', () => {
     expect(() => clusterLink(c, 'nope', 0)).toThrow(RangeError)
   })
 
+  it('reads the optional cost-model figures of an inline profile', () => {
+    const profile = { memoryBytes: 2e9, cores: 0.25, decodeGBs: 4, decodeNBitsGBs: 5, prefillGflops: 20, diskReadMBs: 80, blockOverheadMs: 1.2, messageOverheadMs: 0 }
+    const c = parseClusterFile(JSON.stringify({ devices: [{ name: 'x', profile }] }), 'c.json')
+    expect(c.devices[0]!.capabilities).toEqual(profile)
+    expect(parseError({ devices: [{ name: 'x', profile: { ...profile, blockOverheadMs: -0.1 } }] }).message).toBe(
+      'cannot read cluster file c.json: devices[0].profile.blockOverheadMs: expected a number ≥ 0, got -0.1',
+    )
+  })
+
   it('defaults every link to typical gigabit Ethernet', () => {
     const c = parseClusterFile('{"devices":[{"name":"a","profile":"laptop"},{"name":"b","profile":"jetson-nano"}]}', 'c.json')
     expect(clusterLink(c, 0, 1)).toEqual(TYPICAL_LINKS.gbe)

@@ -227,6 +227,42 @@ describe('planClusterChoice', () => {
     expect(chosen.kind).toBe('tensor-parallel')
   })
 
+  it("charges each device its own per-block overhead, else the options', else the default", () => {
+    const perLayerMs = (overheadMs: number): number => LAYER_BYTES / (8 * 1e6) + 2 * overheadMs
+    const headMs = (overheadMs: number): number => MODEL.classifierBytes / (8 * 1e6) + overheadMs
+    const own = planClusterChoice({ model: MODEL, devices: [{ ...device('solo', 8), blockOverheadMs: 0.4 }], link: uniformLinks(1) })
+    expect(own.chosen.predictedMsPerToken).toBeCloseTo(22 * perLayerMs(0.4) + headMs(0.4), 9)
+    const options = planClusterChoice({ model: MODEL, devices: [device('solo', 8)], link: uniformLinks(1), options: { blockOverheadMs: 0.2 } })
+    expect(options.chosen.predictedMsPerToken).toBeCloseTo(22 * perLayerMs(0.2) + headMs(0.2), 9)
+    // In a stage, a block takes as long as its slowest member, overhead included: the slow device's 2 ms dominates.
+    const devices = [device('a', 8), { ...device('b', 8), blockOverheadMs: 2 }]
+    const input: ClusterPlanInput = { model: MODEL, devices, link: uniformLinks(0) }
+    const even = planEvenTensorParallel(input)
+    expect(predictClusterPlan(input, even).computeMs).toBeCloseTo(22 * (LAYER_BYTES / 2 / (8 * 1e6) + 2 * 2), 6)
+    expect(() => planClusterChoice({ ...input, devices: [{ ...device('x', 8), blockOverheadMs: -1 }] })).toThrow(/device x: blockOverheadMs is -1/)
+  })
+
+  it('charges the per-message cost: 2 × member + n × hub per allreduce, the broadcast, the stage hand-offs', () => {
+    const m = 0.1
+    const h = 0.3
+    const devices = [{ ...device('hub', 10), messageOverheadMs: h }, ...['w1', 'w2', 'w3'].map((n) => ({ ...device(n, 10), messageOverheadMs: m }))]
+    const input: ClusterPlanInput = { model: MODEL, devices, link: uniformLinks(1) }
+    const free: ClusterPlanInput = { ...input, devices: devices.map(({ messageOverheadMs: _, ...d }) => d) }
+    const tp = planEvenTensorParallel(input)
+    const withCost = predictClusterPlan(input, tp)
+    const without = predictClusterPlan(free, tp)
+    // 44 allreduces: the slowest member's send and receive, the hub's last partial in and its 3 sums out.
+    expect(withCost.allreduceMs - without.allreduceMs).toBeCloseTo(44 * (2 * m + 4 * h), 9)
+    // Broadcast of x at the start of the token: the hub's 3 sends, the last member's receive.
+    expect(withCost.handoffMs - without.handoffMs).toBeCloseTo(3 * h + m, 9)
+    expect(withCost.computeMs).toBe(without.computeMs)
+    // A pipeline stage on a worker: master → hub and back, a send and a receive on each side.
+    const pipeline = { stages: [{ ...tp.stages[0]!, devices: [1], tensorParallel: planEvenTensorParallel({ ...input, devices: [devices[1]!] }).stages[0]!.tensorParallel }] }
+    expect(predictClusterPlan(input, pipeline).handoffMs - predictClusterPlan(free, pipeline).handoffMs).toBeCloseTo(2 * h + 2 * m, 9)
+    // The options give the cost of devices without their own.
+    expect(predictClusterPlan({ ...free, options: { messageOverheadMs: m } }, tp).allreduceMs - without.allreduceMs).toBeCloseTo(44 * (2 * m + 4 * m), 9)
+  })
+
   it('beats the even split by ≥ 20 % on one fast and three slow devices (1 ms links)', () => {
     const devices = [device('fast', 20), device('slow-1', 5), device('slow-2', 5), device('slow-3', 5)]
     const input: ClusterPlanInput = { model: MODEL, devices, link: uniformLinks(1, 1000) }
