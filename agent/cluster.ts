@@ -11,16 +11,23 @@ import {
   planTensorParallel,
   readTensorBytes,
   readTensorF32,
+  readTensorRange,
   sliceLayerShard,
   type StagePlan,
   type TensorParallelOptions,
+  type TensorRef,
   type TensorParallelPlan,
   buildClusterPlan,
+  ggmlColumnsToNBits,
+  ggmlToNBits,
+  linearColumns,
+  linearRows,
   tensorParallelClusterPlan,
   toLinearWeight,
   type WeightSource,
 } from '../splitter/index.ts'
 import {
+  type Allreduce,
   f32Body,
   type Frame,
   type FramedChannel,
@@ -42,6 +49,7 @@ import { LOCAL_ALLREDUCE } from './stage-worker.ts'
 import { type LinkMeasurement, type LinkProbeOptions, probeLink } from './link-probe.ts'
 import { MemoryBudgetError, openShard, ShardFileWriter, type WeightStore } from './weight-store.ts'
 import { memoryUsage } from './memory.ts'
+import { localAllreduceGroup } from './local-group.ts'
 import { DEFAULT_HEARTBEAT_MS, DEFAULT_PEER_DEADLINE_MS, stepDeadlineMs } from './peer-deadline.ts'
 import type { EmulatedLink, StageRole, WorkerStats, WorkerTraceHeader } from './protocol.ts'
 import { type ChromeTrace, clockOffsetMs, mergeTraces, type PeerTrace, type RecordedSpan, TraceRecorder, traceReceive, tracedLink, type Tracer, wallClockMs } from './trace.ts'
@@ -65,6 +73,8 @@ interface WorkerLink {
   /** Its shard in the stage's tensor-parallel plan. */
   shardIndex: number
   role: StageRole
+  /** Its seat in the master's allreduce hub, or -1 (not in the master's stage). */
+  hubIndex: number
   /** Set once the master gave up on it (went away, stalled, failed); it then takes no part in anything. */
   lost: Error | null
   /** When it was declared lost (performance.now and Unix ms). */
@@ -131,6 +141,13 @@ export interface ClusterOptions {
    * peer-deadline.ts). Default 2000.
    */
   readonly peerDeadlineMs?: number
+  /**
+   * How a lost worker is replaced. `adopt` (default where possible): the master takes over the lost worker's shard,
+   * read from its model file (no weights cross the network; survivors keep theirs) — possible while the plan is
+   * tensor parallelism over the master and the master holds its share in memory (no `memoryBudgetBytes`); otherwise
+   * `even`: an even tensor-parallel plan over the master and the survivors, every shard sent again.
+   */
+  readonly recovery?: 'adopt' | 'even'
   /** Called when a worker is declared lost, before anything else happens (e.g. to kill a local worker process). */
   readonly onWorkerLost?: (device: number, peer: string, reason: Error) => void
   /** Called once a recovery has completed: the failed pass's logits are ready. */
@@ -156,7 +173,11 @@ export interface LostWorker {
 /** What one recovery did and how long each phase took (ms). */
 export interface RecoveryReport {
   readonly lost: readonly LostWorker[]
-  /** Peers of the new plan, the master included. */
+  /** `adopt`: the master took over the lost shards; `even`: an even plan over the master and the survivors. */
+  readonly strategy: 'adopt' | 'even'
+  /** Shards of the plan the master runs now (its own first). */
+  readonly masterShards: readonly number[]
+  /** Peers left, the master included. */
   readonly peers: number
   /** Positions whose KV cache was rebuilt (the sequence before the failed pass). */
   readonly positions: number
@@ -164,9 +185,9 @@ export interface RecoveryReport {
   readonly detectMs: number
   /** Survivors dropping their passes in flight (`abort` until every `aborted`). */
   readonly abortMs: number
-  /** Building the new plan. */
+  /** Building the new plan (`even`). */
   readonly replanMs: number
-  /** Sending the new shards and loading them on every peer (until every worker is ready). */
+  /** `even`: sending the new shards and loading them on every peer; `adopt`: the master loading the lost shards. */
   readonly reshardMs: number
   /** Re-running the sequence so far plus the failed pass on the new plan. */
   readonly rebuildMs: number
@@ -210,6 +231,7 @@ export class Cluster {
   readonly recoveries: RecoveryReport[] = []
   readonly #options: ClusterOptions
   readonly #recover: boolean
+  readonly #strategy: 'adopt' | 'even'
   readonly #deadlineMs: number
   readonly #node: TransportNode | null
   /** Workers in the cluster (a lost one stays until the next recovery handles it). */
@@ -221,6 +243,8 @@ export class Cluster {
   #stages: readonly StageExecution[] = []
   #hub: StarAllreduceHub | null = null
   #runner: ShardRunner | null = null
+  /** Shards of lost workers the master took over (`adopt`), by shard index, in order. */
+  #adopted: { readonly shardIndex: number; readonly runner: ShardRunner }[] = []
   readonly #head: Session
   readonly #embedding: LinearWeight // [vocab, dim], dense or quantized
   readonly #source: ModelWeights
@@ -258,6 +282,7 @@ export class Cluster {
     this.model = model
     this.#options = options
     this.#recover = options.recover ?? true
+    this.#strategy = options.recovery ?? 'adopt'
     this.#deadlineMs = options.peerDeadlineMs ?? DEFAULT_PEER_DEADLINE_MS
     this.#clusterPlan = clusterPlan
     this.#plan = masterPlanOf(clusterPlan)
@@ -311,6 +336,7 @@ export class Cluster {
             stage: u.stage,
             shardIndex: u.shardIndex,
             role: u.role,
+            hubIndex: -1,
             lost: null,
             lostAt: 0,
             lostAtWallMs: 0,
@@ -345,8 +371,17 @@ export class Cluster {
       cluster = new Cluster(model, options, clusterPlan, node, links, head, source, tracer, shapers)
       source.clear()
       for (const link of links) void cluster.#route(link)
-      await cluster.#install(clusterPlan, true)
-      cluster.#startWatchdog()
+      cluster.#startWatchdog() // a worker that stalls while loading must not hang the start
+      try {
+        await cluster.#install(clusterPlan, true)
+      } catch (err) {
+        // A worker that went away or stalled while loading is replaced as during generation; one that refused its
+        // shard (a report of its own, e.g. over its memory budget) fails the start.
+        if (!cluster.#recover || cluster.#live().length === cluster.#links.length || cluster.#links.some((l) => l.lost && l.report)) throw err
+        const started = performance.now()
+        const phases = await cluster.#recoverLost()
+        cluster.#recovered({ ...phases, detectMs: 0, rebuildMs: 0, totalMs: performance.now() - started })
+      }
       return cluster
     } catch (err) {
       if (cluster) {
@@ -375,9 +410,11 @@ export class Cluster {
     const source = this.#source
     const masterStageIndex = clusterPlan.stages.findIndex((s) => s.devices.includes(0))
     const masterPlan = clusterPlan.stages[masterStageIndex]?.tensorParallel
-    // The old shard goes first: its memory is needed for the new one.
+    // The old shards go first: their memory is needed for the new one.
     await this.#runner?.release()
     this.#runner = null
+    for (const a of this.#adopted) await a.runner.release()
+    this.#adopted = []
     this.#hub = null
     this.#stages = []
     const links = this.#links.filter((l) => !l.lost)
@@ -387,6 +424,7 @@ export class Cluster {
       l.stage = s
       l.shardIndex = clusterPlan.stages[s]!.devices.indexOf(l.index)
       l.role = stageRole(clusterPlan.stages[s]!, l.shardIndex)
+      l.hubIndex = s === masterStageIndex ? l.shardIndex - 1 : -1
     }
     const peerOf = (device: number): string => (device === 0 ? this.#node!.peerId : links.find((l) => l.index === device)!.channel.remotePeer)
     const emulated = (from: number): EmulatedLink[] =>
@@ -396,6 +434,7 @@ export class Cluster {
       })
     const stageIds = clusterPlan.stages.map(() => randomBytes(8).toString('hex'))
     const heartbeatMs = Math.max(10, Math.round(Math.min(DEFAULT_HEARTBEAT_MS, this.#deadlineMs / 4)))
+    const t0 = performance.now()
     // Every send below settles before anything is thrown: a retry must not find old frames still leaving.
     const refused = (link: WorkerLink) => (err: unknown) => {
       throw refusal(link, 'refused its shard', err)
@@ -448,6 +487,7 @@ export class Cluster {
         source.clearLayer(layer)
         if (first) options.onLayerDistributed?.(layer, model.config.nLayers)
       }
+      log('install: shards sliced and sent in %d ms', Math.round(performance.now() - t0))
       const ready = links.map((l) => this.#expect(l, 'ready'))
       for (const r of ready) r.catch(() => {}) // awaited below
       await settleAll(links.map((l, i) => l.channel.send({ type: 'load-done', tensors: sent[i]! }).catch(refused(l))))
@@ -461,6 +501,7 @@ export class Cluster {
         }
         this.#runner = await ShardRunner.create(masterPlan, 0, store, { threads: options.threads, ...(budget !== undefined ? { lowMemory: true } : {}) })
       }
+      log('install: master shard loaded at %d ms', Math.round(performance.now() - t0))
       if (first) this.#overheadBytes = memoryUsage().rssBytes
       await settleAll(
         links.map(async (link, i) => {
@@ -471,6 +512,7 @@ export class Cluster {
     } finally {
       await writer?.finish().catch(() => {})
     }
+    log('install: every worker ready at %d ms', Math.round(performance.now() - t0))
     // Emulated links apply to the master's sends from here on, as they do on the workers.
     for (const l of links) {
       const link = options.links?.(0, l.index)
@@ -535,6 +577,7 @@ export class Cluster {
   async reset(): Promise<void> {
     this.#throwIfFailed()
     this.#runner?.reset()
+    for (const a of this.#adopted) a.runner.reset()
     this.#position = 0
     this.#history = []
     await Promise.all(
@@ -598,19 +641,12 @@ export class Cluster {
     if (recovery) {
       const now = performance.now()
       const r = recovery.report
-      const report: RecoveryReport = {
+      this.#recovered({
         ...r,
         detectMs: recovery.detectMs,
         rebuildMs: now - recovery.startedAt - recovery.detectMs - r.abortMs - r.replanMs - r.reshardMs,
         totalMs: now - recovery.startedAt,
-      }
-      this.recoveries.push(report)
-      log('recovered: %o', report)
-      try {
-        this.#options.onRecovered?.(report)
-      } catch (err) {
-        log.error('onRecovered threw: %s', (err as Error).message)
-      }
+      })
     }
     this.#history.push(...tokens)
     this.#position = this.#history.length
@@ -619,6 +655,17 @@ export class Cluster {
     const out = await this.#head.run({ x: { data: rows, dims: [rows.length / dim, dim] } })
     this.counters.headMs += performance.now() - headStart
     return out.logits!.data as Float32Array
+  }
+
+  /** Records a completed recovery and tells `onRecovered`. */
+  #recovered(report: RecoveryReport): void {
+    this.recoveries.push(report)
+    log('recovered: %o', report)
+    try {
+      this.#options.onRecovered?.(report)
+    } catch (err) {
+      log.error('onRecovered threw: %s', (err as Error).message)
+    }
   }
 
   /**
@@ -650,7 +697,7 @@ export class Cluster {
       for (const stage of this.#stages) {
         if (stage.kind === 'local') {
           await Promise.all(stage.members.map((l) => send(l, x)))
-          await this.#runner!.forward(x, pos0, step, allreduce, this.counters.timings, tracer)
+          await this.#runLocal(x, pos0, step, allreduce)
           continue
         }
         const t0 = performance.now()
@@ -672,6 +719,29 @@ export class Cluster {
     }
     for (const stage of this.#stages) if (stage.plan.devices.length > 1) this.counters.allreduces += 2 * stage.plan.layers.count
     return x
+  }
+
+  /**
+   * Runs the master's shards of its stage on `x` [seq, dim] f32 in place: its own, plus those it took over from lost
+   * workers, which share its seat in the allreduce (their partials summed in shard order).
+   */
+  async #runLocal(x: Float32Array, pos0: number, step: number, allreduce: Allreduce): Promise<void> {
+    const runners = [this.#runner!, ...this.#adopted.map((a) => a.runner)]
+    if (runners.length === 1) {
+      await runners[0]!.forward(x, pos0, step, allreduce, this.counters.timings, this.#tracer)
+      return
+    }
+    const group = localAllreduceGroup(runners.length, allreduce)
+    const xs = runners.map((_, i) => (i === 0 ? x : x.slice())) // every shard starts from the same hidden state
+    const scratch: ForwardTimings = { computeMs: 0, allreduceMs: 0, ioWaitMs: 0 }
+    const runs = runners.map((r, i) => r.forward(xs[i]!, pos0, step, group.members[i]!, i === 0 ? this.counters.timings : scratch, i === 0 ? this.#tracer : undefined))
+    try {
+      await Promise.all(runs)
+    } catch (err) {
+      group.fail(err as Error)
+      await Promise.allSettled(runs)
+      throw err
+    }
   }
 
   /**
@@ -701,6 +771,8 @@ export class Cluster {
    */
   async #recoverLost(): Promise<RecoveryPhases> {
     const lost: LostWorker[] = []
+    /** Shards of the workers lost so far that the master has not taken over yet (`adopt`). */
+    const orphans: number[] = []
     let abortMs = 0
     let replanMs = 0
     let reshardMs = 0
@@ -716,38 +788,75 @@ export class Cluster {
           silentMs: Math.max(0, l.lostAt - l.heardAt),
           detectedAtMs: l.lostAtWallMs,
         })
+        if (l.hubIndex >= 0) orphans.push(l.shardIndex)
         this.#gone.push(l)
       }
       this.#links = this.#live()
       this.#hub = null
-      this.#stages = []
       for (const waiting of this.#replies.values()) waiting.reject(new Error('superseded by a recovery'))
       this.#replies.clear()
       const epoch = ++this.#epoch
       const survivors = this.#links
-      log('recovery %d (attempt %d): %d workers left', epoch, attempt, survivors.length)
+      // Adopt while the plan is tensor parallelism over the master, with its share resident, and every lost worker
+      // held a shard of it; otherwise plan evenly again.
+      const stage = this.#stages[0]
+      const adopt =
+        this.#strategy === 'adopt' &&
+        this.#clusterPlan.stages.length === 1 &&
+        stage?.kind === 'local' &&
+        this.#options.memoryBudgetBytes === undefined &&
+        lost.every((w) => this.#gone.find((l) => l.index === w.device)!.hubIndex >= 0)
+      log('recovery %d (attempt %d, %s): %d workers left', epoch, attempt, adopt ? 'adopt' : 'even', survivors.length)
       try {
         let t = performance.now()
         await settleAll(
           survivors.map(async (l) => {
             const acked = this.#expect(l, 'aborted')
             acked.catch(() => {})
-            await this.#send(l, { type: 'abort', epoch, step: this.#step })
+            await this.#send(l, { type: 'abort', epoch, step: this.#step, ...(adopt ? { keep: true } : {}) })
             await acked
           }),
         )
         abortMs += performance.now() - t
         t = performance.now()
-        const plan = buildClusterPlan(this.model.config, [{ devices: [0, ...survivors.map((l) => l.index)], layers: this.model.config.nLayers }], this.#options.workers.length + 1, {
-          ...planConstraints(this.model),
-          quantizedMatmul: this.#plan.quantizedMatmul,
-        })
-        replanMs += performance.now() - t
-        t = performance.now()
         this.#position = 0
-        await this.#install(plan, false)
-        reshardMs += performance.now() - t
-        return { lost, peers: survivors.length + 1, positions: this.#history.length, abortMs, replanMs, reshardMs, attempts: attempt }
+        if (adopt) {
+          // Survivors keep their shards (their KV caches were reset); the master loads the lost ones from its file.
+          while (orphans.length > 0) {
+            await this.#adopt(orphans[0]!)
+            orphans.shift()
+          }
+          this.#runner?.reset()
+          for (const a of this.#adopted) a.runner.reset()
+          const tracer = this.#tracer
+          for (const [i, l] of survivors.entries()) l.hubIndex = i
+          this.#hub =
+            survivors.length > 0
+              ? new StarAllreduceHub(survivors.map((l) => (tracer ? tracedLink(l.channel, tracer) : l.channel)), { deadlineMs: this.#deadlineMs })
+              : null
+          this.#stages = [{ kind: 'local', plan: this.#clusterPlan.stages[0]!, members: survivors }]
+          reshardMs += performance.now() - t
+        } else {
+          const built = buildClusterPlan(this.model.config, [{ devices: [0, ...survivors.map((l) => l.index)], layers: this.model.config.nLayers }], this.#options.workers.length + 1, {
+            ...planConstraints(this.model),
+            quantizedMatmul: this.#plan.quantizedMatmul,
+          })
+          const why = (device: number): string => {
+            const w = lost.find((x) => x.device === device)
+            return w ? `lost: ${w.kind === 'stalled' ? 'stalled' : 'went away'}` : 'not in the plan'
+          }
+          const plan: ClusterPlan = { ...built, excluded: built.excluded.map((e) => ({ device: e.device, reason: why(e.device) })) }
+          replanMs += performance.now() - t
+          t = performance.now()
+          this.#stages = []
+          await this.#install(plan, false)
+          orphans.length = 0
+          reshardMs += performance.now() - t
+        }
+        // A survivor lost meanwhile would stall the first pass: go again without it now.
+        if (this.#live().length < this.#links.length) throw new Error('a worker was lost while the cluster recovered')
+        const masterShards = [0, ...this.#adopted.map((a) => a.shardIndex)]
+        return { lost, strategy: adopt ? 'adopt' : 'even', masterShards, peers: survivors.length + 1, positions: this.#history.length, abortMs, replanMs, reshardMs, attempts: attempt }
       } catch (err) {
         // Nobody else was lost meanwhile: this is not a loss a re-plan can fix (or the cluster is stopping).
         if (this.#closing || this.#live().length === this.#links.length) {
@@ -757,6 +866,21 @@ export class Cluster {
         log('recovery %d failed (%s): going again without the workers lost meanwhile', epoch, (err as Error).message)
       }
     }
+  }
+
+  /** Takes over shard `shardIndex` of the master's stage: slices it from the model file and loads it here. */
+  async #adopt(shardIndex: number): Promise<void> {
+    const started = performance.now()
+    const plan = this.#plan
+    const own: LayerShardWeights[] = Array.from({ length: this.model.config.nLayers }, () => ({ attention: null, ffn: null }))
+    for (let layer = plan.layers.start; layer < plan.layers.start + plan.layers.count; layer++) {
+      own[layer] = ownedLayerShard(sliceLayerShard(plan.model, plan.shards[shardIndex]!, layer, this.#source))
+      this.#source.clearLayer(layer)
+    }
+    const sliced = performance.now()
+    const runner = await ShardRunner.create(plan, shardIndex, own, { threads: this.#options.threads })
+    this.#adopted = [...this.#adopted, { shardIndex, runner }].sort((a, b) => a.shardIndex - b.shardIndex)
+    log('took over shard %d: sliced in %d ms, loaded in %d ms', shardIndex, Math.round(sliced - started), Math.round(performance.now() - sliced))
   }
 
   /**
@@ -770,7 +894,7 @@ export class Cluster {
     link.lostAtWallMs = Date.now()
     log.error('%s', failure.message)
     link.channel.abort(failure)
-    if (link.role === 'member' && link.shardIndex > 0) this.#hub?.fail(link.shardIndex - 1, failure)
+    if (link.hubIndex >= 0) this.#hub?.fail(link.hubIndex, failure)
     if (!this.#recover) this.#failure ??= failure
     // Its own replies fail; so does any stage's output (the pass cannot complete with a peer missing).
     for (const [key, waiting] of this.#replies) {
@@ -809,17 +933,26 @@ export class Cluster {
     if (this.#links.length === 0) return
     const intervalMs = Math.max(5, Math.min(250, this.#deadlineMs / 8))
     this.#lastTick = performance.now()
+    for (const l of this.#links) {
+      l.heardAt = this.#lastTick
+      l.heardBytes = l.channel.bytesReceived
+    }
     this.#watchdog = setInterval(() => {
       const now = performance.now()
-      const late = now - this.#lastTick > 3 * intervalMs
+      const previous = this.#lastTick
+      const late = now - previous > 3 * intervalMs
       this.#lastTick = now
       const f = this.#inFlight
       const limitMs = f ? stepDeadlineMs(this.#deadlineMs, this.model.config, f.seq, f.end) : this.#deadlineMs
       for (const l of this.#live()) {
         const bytes = l.channel.bytesReceived
-        if (late || bytes !== l.heardBytes) {
+        if (late) {
           l.heardBytes = bytes
           l.heardAt = now
+        } else if (bytes !== l.heardBytes) {
+          // Bytes (a frame's first part, say) came since the last tick; frames themselves stamp the exact time.
+          l.heardBytes = bytes
+          l.heardAt = Math.max(l.heardAt, previous)
         } else if (now - l.heardAt > limitMs) {
           const silentMs = Math.round(now - l.heardAt)
           this.#lose(l, new PeerStalledError(l.channel.remotePeer, `worker ${l.index} (${l.address}) stalled: nothing from peer ${l.channel.remotePeer} for ${silentMs} ms (deadline ${Math.round(limitMs)} ms)`))
@@ -923,6 +1056,7 @@ export class Cluster {
     await this.#node?.stop()
     log('node stopped')
     await this.#runner?.release()
+    for (const a of this.#adopted) await a.runner.release()
     await this.#head.release()
   }
 
@@ -979,8 +1113,8 @@ export class Cluster {
           continue
         }
         if (!current) continue // a frame of a pass the master gave up on
-        if (type === 'ar' && link.role === 'member' && link.shardIndex > 0) {
-          this.#hub?.deliver(link.shardIndex - 1, frame)
+        if (type === 'ar' && link.hubIndex >= 0) {
+          this.#hub?.deliver(link.hubIndex, frame)
         } else if (type === 'stats' || type === 'trace' || type === 'ready' || type === 'stage-ready' || (type === 'stage-out' && link.role === 'leader')) {
           this.#reply(link, frame)
         } else {
@@ -1040,13 +1174,15 @@ function masterPlanOf(plan: ClusterPlan): TensorParallelPlan {
 type RecoveryPhases = Omit<RecoveryReport, 'rebuildMs' | 'totalMs' | 'detectMs'>
 
 function emptyPhases(): RecoveryPhases {
-  return { lost: [], peers: 0, positions: 0, abortMs: 0, replanMs: 0, reshardMs: 0, attempts: 0 }
+  return { lost: [], strategy: 'even', masterShards: [0], peers: 0, positions: 0, abortMs: 0, replanMs: 0, reshardMs: 0, attempts: 0 }
 }
 
 /** Two recoveries of one pass (a worker lost while re-running the sequence) as one report. */
 function mergePhases(a: RecoveryPhases, b: RecoveryPhases): RecoveryPhases {
   return {
     lost: [...a.lost, ...b.lost],
+    strategy: b.strategy,
+    masterShards: b.masterShards,
     peers: b.peers,
     positions: b.positions,
     abortMs: a.abortMs + b.abortMs,
@@ -1088,6 +1224,7 @@ function stageRole(stage: StagePlan, shardIndex: number): StageRole {
 class ModelWeights implements WeightSource {
   readonly #model: ModelDescription
   readonly #cache = new Map<string, LinearWeight | Float32Array>()
+  readonly #rawCache = new Map<string, Uint8Array>()
 
   constructor(model: ModelDescription) {
     this.#model = model
@@ -1113,13 +1250,52 @@ class ModelWeights implements WeightSource {
     return t as LinearWeight
   }
 
+  /**
+   * Output features of a 2-D tensor. For Q4_0/Q8_0 only those rows' blocks are read and re-laid out, so one shard costs
+   * its share of the work (a master taking over a lost worker's shard reads and converts a quarter of the model, not
+   * all of it); other types are cut from the cached full weight.
+   */
+  linearRows(name: string, start: number, count: number): LinearWeight {
+    const ref = this.#quantized(name)
+    if (!ref) return linearRows(this.linear(name), start, count)
+    const rows = ref.shape[0]!
+    const rowBytes = ref.byteLength / rows
+    if (start < 0 || count < 0 || start + count > rows) throw new RangeError(`cannot take rows ${start}..${start + count} of ${name} (${rows} rows)`)
+    const bytes = this.#rawCache.get(name)?.subarray(start * rowBytes, (start + count) * rowBytes) ?? readTensorRange(this.#model, name, start * rowBytes, count * rowBytes)
+    return ggmlToNBits(ref.dtype, bytes, count, ref.shape[1]!)
+  }
+
+  /**
+   * Input features of a 2-D tensor. For Q4_0/Q8_0 the raw blocks are read once (cached until the layer is cleared:
+   * every row holds some of the columns) and only the kept blocks are re-laid out.
+   */
+  linearColumns(name: string, start: number, count: number): LinearWeight {
+    const ref = this.#quantized(name)
+    if (!ref) return linearColumns(this.linear(name), start, count)
+    let bytes = this.#rawCache.get(name)
+    if (!bytes) {
+      bytes = readTensorBytes(this.#model, name)
+      this.#rawCache.set(name, bytes)
+    }
+    return ggmlColumnsToNBits(ref.dtype, bytes, ref.shape[0]!, ref.shape[1]!, start, count)
+  }
+
+  /** The reference of 2-D tensor `name` when it is Q4_0/Q8_0, else null. */
+  #quantized(name: string): (TensorRef & { dtype: 'q4_0' | 'q8_0' }) | null {
+    const ref = this.#model.tensors.get(name)
+    if (ref?.shape.length !== 2) throw new RangeError(`model ${this.#model.path} has no 2-D tensor ${name}`)
+    return ref.dtype === 'q4_0' || ref.dtype === 'q8_0' ? (ref as TensorRef & { dtype: 'q4_0' | 'q8_0' }) : null
+  }
+
   /** Forgets the cached tensors of layer `layer`. */
   clearLayer(layer: number): void {
+    for (const name of this.#rawCache.keys()) if (name.startsWith(`blk.${layer}.`)) this.#rawCache.delete(name)
     for (const name of this.#cache.keys()) if (name.startsWith(`blk.${layer}.`)) this.#cache.delete(name)
   }
 
   clear(): void {
     this.#cache.clear()
+    this.#rawCache.clear()
   }
 }
 

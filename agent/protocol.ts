@@ -22,11 +22,12 @@ import type { TensorParallelPlan } from '../splitter/index.ts'
  * Failure and recovery (issue 8, see cluster.ts): a `plan` with `heartbeatMs` makes the worker send `ping` whenever it
  * has sent nothing else for that long, so the master can tell a silent (stalled) worker from a busy one; its
  * `peerDeadlineMs` is the base deadline a stage leader gives its members' allreduce partials (see peer-deadline.ts).
- * When the master loses a worker it sends every survivor `abort` { epoch, step }: the survivor drops its in-flight
- * forward passes and allreduce rounds without reporting them (they fail because of the lost peer, not because of it),
- * releases its shard and stage role, ignores `forward` and `ar` frames of steps before `step`, and answers
- * `aborted` { epoch } once nothing of the old passes is left to send. The master ignores a survivor's frames from
- * before that answer, then sends a new `plan` and shard on the same stream. An `error` naming another peer (`peer`)
+ * When the master loses a worker it sends every survivor `abort` { epoch, step, keep? }: the survivor drops its
+ * in-flight forward passes and allreduce rounds without reporting them (they fail because of the lost peer, not
+ * because of it), ignores `forward` and `ar` frames of steps before `step`, and answers `aborted` { epoch } once
+ * nothing of the old passes is left to send. With `keep` it keeps its shard (KV cache emptied) and the master carries
+ * on with the same plan, the lost shard on the master; without, it releases its shard and stage role and the master
+ * sends a new `plan` and shard on the same stream. The master ignores a survivor's frames from before `aborted`. An `error` naming another peer (`peer`)
  * does not end the reporting worker's session: it waits for `abort`.
  *
  * Workers never receive token ids or text: only weights and hidden states.
@@ -57,8 +58,11 @@ export type MasterMessage =
   | { type: 'stats' }
   | { type: 'trace' }
   | { type: 'bye' }
-  /** Drop everything in flight; `step` is the first step of the passes that follow. */
-  | { type: 'abort'; epoch: number; step: number }
+  /**
+   * Drop everything in flight; `step` is the first step of the passes that follow. `keep`: keep the shard (KV cache
+   * emptied) for the same plan; otherwise release it and wait for a new plan.
+   */
+  | { type: 'abort'; epoch: number; step: number; keep?: boolean }
 
 /**
  * A worker's part in a cluster plan: `member` of the master's stage (the master is its hub), `leader` of a stage
@@ -257,8 +261,10 @@ export function parseMasterMessage(h: Record<string, unknown>): MasterMessage {
       return { type: 'trace' }
     case 'bye':
       return { type: 'bye' }
-    case 'abort':
-      return { type: 'abort', epoch: int(h, 'epoch', 1), step: int(h, 'step') }
+    case 'abort': {
+      if (h.keep !== undefined && typeof h.keep !== 'boolean') throw new ProtocolError(`frame abort: field keep must be a boolean, got ${JSON.stringify(h.keep)}`)
+      return { type: 'abort', epoch: int(h, 'epoch', 1), step: int(h, 'step'), ...(h.keep ? { keep: true } : {}) }
+    }
     default:
       throw new ProtocolError(`unexpected frame type ${JSON.stringify(h.type)} from the master`)
   }

@@ -194,8 +194,8 @@ export class WorkerAgent {
         r?.reset()
       })
     }
-    /** `abort`: drop the passes in flight, the stage role and the shard; the master re-plans next. */
-    const abort = async (next: { epoch: number; step: number }): Promise<void> => {
+    /** `abort`: drop the passes in flight; keep the shard (KV cache emptied), or drop it and the stage role. */
+    const abort = async (next: { epoch: number; step: number; keep?: boolean }): Promise<void> => {
       const reason = new SessionAbortedError(`master ${peer} aborted epoch ${epoch} for epoch ${next.epoch}`)
       epoch = next.epoch
       firstStep = next.step
@@ -203,11 +203,17 @@ export class WorkerAgent {
       const old = member
       member = newMember()
       old.fail(reason)
-      const role = stage
-      stage = null
+      const role = next.keep ? null : stage
+      if (!next.keep) stage = null
       await role?.close(reason)
       await work.catch(() => {})
       work = Promise.resolve()
+      if (next.keep && runner) {
+        // A pass cut short left some layers' caches longer than others: start the sequence again.
+        runner.reset()
+        await channel.send({ type: 'aborted', epoch })
+        return
+      }
       if (writer) await writer.finish().catch(() => {})
       writer = null
       intake = null
@@ -221,10 +227,17 @@ export class WorkerAgent {
     const startHeartbeat = (intervalMs: number): void => {
       clearInterval(heartbeat)
       let sent = channel.bytesSent
+      let changedAt = performance.now()
       heartbeat = setInterval(() => {
-        if (channel.bytesSent === sent) void channel.send({ type: 'ping' }).catch(() => {})
-        sent = channel.bytesSent
-      }, intervalMs)
+        const now = performance.now()
+        if (channel.bytesSent !== sent) {
+          sent = channel.bytesSent
+          changedAt = now
+        } else if (now - changedAt >= intervalMs) {
+          changedAt = now
+          void channel.send({ type: 'ping' }).catch(() => {})
+        }
+      }, intervalMs / 4)
       heartbeat.unref()
     }
     const session = (): StageSession => ({ node: this.#node, master: channel, tracer, queueForward, queueReset, fail })
@@ -234,7 +247,8 @@ export class WorkerAgent {
         if (tracer) traceReceive(tracer, frame.header, frame.body.byteLength, peer)
         if (frame.header.type === 'ar') {
           // Sums of an aborted epoch's passes may still arrive: their tags are below the first step's.
-          if (plan && typeof frame.header.tag === 'number' && frame.header.tag < allreduceTag(firstStep, plan.model.nLayers, 0, 0)) continue
+          const tag = frame.header.tag
+          if (plan && firstStep > 0 && typeof tag === 'number' && tag >= 0 && tag < allreduceTag(firstStep, plan.model.nLayers, 0, 0)) continue
           checkAllreduceFrame(frame, runner?.plan)
           member.deliver(frame)
           continue

@@ -17,8 +17,13 @@ const MODEL = join(MODELS_DIR, 'stories260K.bin')
 const dir = mkdtempSync(join(tmpdir(), 'edgeshard-recovery-'))
 /** A small deadline keeps the stalled case fast; healthy peers answer within milliseconds here. */
 const DEADLINE = ['--peer-deadline', '1000']
-/** `edgeshard: worker 2 (peer 12D3…) lost (stalled 1012 ms): re-planned over 2 peers, KV rebuilt for 37 positions in 81 ms (recovery …` */
-const NOTICE = /^edgeshard: worker (\d) \(peer (\S+)\) lost \((went away|stalled (\d+) ms)\): (re-planned over (\d) peers|the master continues alone), KV rebuilt for (\d+) positions in (\d+) ms \(recovery (\d+) ms: detect \d+, abort \d+, re-plan \d+, re-shard \d+, rebuild \d+\)$/gm
+/**
+ * `edgeshard: worker 2 (peer 12D3…) lost (stalled 1012 ms): re-planned over 2 peers, KV rebuilt for 37 positions in 81 ms
+ * (recovery …` or `…: the master took over its shard (3 peers left; it runs shards 0, 2), KV rebuilt …`. Groups: 1 worker,
+ * 2 peer, 4 silence of a stall, 6 or 7 peers left, 8 positions, 10 the recovery's total ms.
+ */
+const NOTICE =
+  /^edgeshard: worker (\d) \(peer (\S+)\) lost \((went away|stalled (\d+) ms)\): (re-planned over (\d) peers|the master continues alone|the master took over its shard \((?:(\d) peers left|it continues alone); it runs shards [\d, ]+\)), KV rebuilt for (\d+) positions in (\d+) ms \(recovery (\d+) ms: detect \d+, abort \d+, re-plan \d+, re-shard \d+, rebuild \d+\)$/gm
 
 /** A fault: `signal` to local worker `worker`, once the previous faults' notices are out and `afterBytes` of text. */
 interface Fault {
@@ -32,7 +37,10 @@ interface FaultRun {
   readonly code: number | null
   readonly stdout: Buffer
   readonly stderr: string
-  readonly summary: { nextTokens: number[]; recoveries: { lost: { device: number; kind: string }[]; peers: number }[] }
+  readonly summary: {
+    nextTokens: number[]
+    recoveries: { lost: { device: number; kind: string }[]; strategy: string; masterShards: number[]; peers: number }[]
+  }
   /** Per fault: the pid signalled, the worker's peer id, and the text bytes out when it was sent. */
   readonly faults: { pid: number; peer: string; atBytes: number }[]
   /** Every worker process the master started. */
@@ -107,7 +115,7 @@ async function expectRecovered(run: FaultRun, index: number, faults: readonly Fa
     expect(Number(n[1])).toBe(f.worker)
     expect(n[2]).toBe(run.faults[i]!.peer)
     if (f.signal === 'SIGSTOP') expect(Number(n[4])).toBeGreaterThanOrEqual(900) // silent for about the 1000 ms deadline
-    expect(Number(n[9])).toBeGreaterThan(0) // the recovery time is printed
+    expect(Number(n[10])).toBeGreaterThan(0) // the recovery time is printed
   }
   expect(run.summary.recoveries.length).toBe(notices.length)
   // No orphans: every worker process, the lost ones included, is gone once the master is.
@@ -124,14 +132,18 @@ describe.skipIf(!HAVE_MODELS)('failure and recovery (real processes over libp2p)
     return prompt + 1 + Math.floor(random() * 0.6 * (Buffer.byteLength(c.stdout) - prompt))
   }
 
-  it('N = 3: a worker killed as soon as it is ready (before the prompt pass), another mid-story: the reference exactly', async () => {
+  it('N = 3: a worker killed as soon as it is ready (before the prompt pass; even re-plan), another mid-story (the master takes its shard over): the reference exactly', async () => {
     const first: Fault[] = [{ worker: 2, signal: 'SIGKILL', afterBytes: 0 }]
-    await expectRecovered(await runWithFaults(2, 3, first), 2, first)
+    const even = await runWithFaults(2, 3, first, ['--recovery', 'even'])
+    await expectRecovered(even, 2, first)
+    expect(even.summary.recoveries[0]).toMatchObject({ strategy: 'even', peers: 2, masterShards: [0] })
     const second: Fault[] = [{ worker: 1, signal: 'SIGKILL', afterBytes: textPoint(0) }]
-    await expectRecovered(await runWithFaults(0, 3, second), 0, second)
+    const adopt = await runWithFaults(0, 3, second)
+    await expectRecovered(adopt, 0, second)
+    expect(adopt.summary.recoveries[0]).toMatchObject({ strategy: 'adopt', peers: 2, masterShards: [0, 1] })
   }, 60_000)
 
-  it('N = 4: two workers killed one after another at seeded points, then during the prompt pass: the reference exactly', async () => {
+  it('N = 4: two workers killed one after another at seeded points; the stage leader of a hybrid plan killed as soon as it is ready: the reference exactly', async () => {
     const [a, b] = [textPoint(3), textPoint(3)].sort((x, y) => x - y)
     const twice: Fault[] = [
       { worker: 3, signal: 'SIGKILL', afterBytes: a! },
@@ -139,9 +151,12 @@ describe.skipIf(!HAVE_MODELS)('failure and recovery (real processes over libp2p)
     ]
     const run = await runWithFaults(3, 4, twice)
     await expectRecovered(run, 3, twice)
-    expect(run.summary.recoveries.at(-1)!.peers).toBe(2)
+    expect(run.summary.recoveries.at(-1)).toMatchObject({ peers: 2, masterShards: [0, 1, 3] })
+    // Worker 2 leads the stage of layers 2..4 (with worker 3): the plan falls back to even tensor parallelism.
     const early: Fault[] = [{ worker: 2, signal: 'SIGKILL', afterBytes: 0 }]
-    await expectRecovered(await runWithFaults(1, 4, early), 1, early)
+    const hybrid = await runWithFaults(1, 4, early, ['--plan', '0+1:2,2+3:3'])
+    await expectRecovered(hybrid, 1, early)
+    expect(hybrid.summary.recoveries[0]).toMatchObject({ strategy: 'even', peers: 3 })
   }, 75_000)
 
   it('a worker stopped (SIGSTOP) past the deadline is treated as lost: the reference exactly, and the stopped process is gone', async () => {
