@@ -159,11 +159,13 @@ describe.skipIf(!HAVE_MODELS)('failure and recovery (real processes over libp2p)
     expect(hybrid.summary.recoveries[0]).toMatchObject({ strategy: 'even', peers: 3 })
   }, 75_000)
 
-  it('a worker stopped (SIGSTOP) past the deadline is treated as lost: the reference exactly, and the stopped process is gone', async () => {
+  it('N = 2: the only worker stopped (SIGSTOP) past the deadline is treated as lost; the master carries on alone with the reference, and the stopped process is gone', async () => {
     const stalled: Fault[] = [{ worker: 1, signal: 'SIGSTOP', afterBytes: textPoint(0) }]
-    const run = await runWithFaults(0, 3, stalled)
+    const run = await runWithFaults(0, 2, stalled)
     await expectRecovered(run, 0, stalled)
+    expect(run.summary.recoveries[0]).toMatchObject({ strategy: 'adopt', peers: 1, masterShards: [0, 1] })
     expect(run.summary.recoveries[0]!.lost[0]!.kind).toBe('stalled')
+    expect(run.stderr).toMatch(/the master took over its shard \(it continues alone; it runs shards 0, 1\)/)
   }, 60_000)
 
   describe('a master killed mid-generation', () => {
