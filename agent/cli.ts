@@ -91,12 +91,13 @@ async function run(flags: RunFlags, setup: ClusterSetup = {}): Promise<void> {
       ioWaitMs: c.timings.ioWaitMs,
       stageWaitMs: c.stageWaitMs,
       perPeer: peers,
+      recoveries: cluster.recoveries,
       loadAverage: loadavg()[0],
     }
     if (flags.summaryJson) writeFileSync(flags.summaryJson, `${JSON.stringify(summary, null, 2)}\n`)
     status(
       `${result.generated} tokens, TTFT ${result.ttftMs.toFixed(1)} ms, ${result.msPerToken.toFixed(2)} ms/token, ` +
-        `${Math.round(wireBytesPerToken)} bytes/token on the wire, ${nPeers} peers, load ${loadavg()[0]!.toFixed(2)}`,
+        `${Math.round(wireBytesPerToken)} bytes/token on the wire, ${nPeers} peers${recovered(cluster.recoveries.length, cluster.size)}, load ${loadavg()[0]!.toFixed(2)}`,
     )
     const mib = (b: number): string => `${(b / 2 ** 20).toFixed(0)} MiB`
     for (const [i, p] of peers.entries()) {
@@ -110,6 +111,11 @@ async function run(flags: RunFlags, setup: ClusterSetup = {}): Promise<void> {
     if (logitsFd !== null) closeSync(logitsFd)
     await started.stop()
   }
+}
+
+/** ` (2 after 1 recovery)` when workers were lost and replaced, else nothing. */
+function recovered(recoveries: number, peers: number): string {
+  return recoveries === 0 ? '' : ` (${peers} after ${recoveries} recover${recoveries === 1 ? 'y' : 'ies'})`
 }
 
 /** Multiaddrs on the loopback interface. */

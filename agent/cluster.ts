@@ -11,21 +11,30 @@ import {
   planTensorParallel,
   readTensorBytes,
   readTensorF32,
+  readTensorRange,
   sliceLayerShard,
   type StagePlan,
   type TensorParallelOptions,
+  type TensorRef,
   type TensorParallelPlan,
+  buildClusterPlan,
+  ggmlColumnsToNBits,
+  ggmlToNBits,
+  linearColumns,
+  linearRows,
   tensorParallelClusterPlan,
   toLinearWeight,
   type WeightSource,
 } from '../splitter/index.ts'
 import {
+  type Allreduce,
   f32Body,
   type Frame,
   type FramedChannel,
   type LinkEmulation,
   LinkShaper,
   PeerGoneError,
+  PeerStalledError,
   StarAllreduceHub,
   TENSOR_PARALLEL_PROTOCOL,
   TransportNode,
@@ -40,22 +49,44 @@ import { LOCAL_ALLREDUCE } from './stage-worker.ts'
 import { type LinkMeasurement, type LinkProbeOptions, probeLink } from './link-probe.ts'
 import { MemoryBudgetError, openShard, ShardFileWriter, type WeightStore } from './weight-store.ts'
 import { memoryUsage } from './memory.ts'
+import { localAllreduceGroup } from './local-group.ts'
+import { DEFAULT_HEARTBEAT_MS, DEFAULT_PEER_DEADLINE_MS, stepDeadlineMs } from './peer-deadline.ts'
 import type { EmulatedLink, StageRole, WorkerStats, WorkerTraceHeader } from './protocol.ts'
 import { type ChromeTrace, clockOffsetMs, mergeTraces, type PeerTrace, type RecordedSpan, TraceRecorder, traceReceive, tracedLink, type Tracer, wallClockMs } from './trace.ts'
 
 const log = logger('edgeshard:agent:cluster')
 
-/** A worker the master drives: its channel, where it was reached, and its part in the plan. */
+/** Errors that name a worker that went away, stalled or failed: a forward failing with one of them can recover. */
+const LOSS_ERRORS: ReadonlySet<string> = new Set(['PeerGoneError', 'PeerStalledError', 'PeerFailedError'])
+
+/**
+ * A worker the master drives: its channel, where it was reached, and its part in the current plan (re-planning
+ * changes the part; the channel stays).
+ */
 interface WorkerLink {
   /** Device index (workers are devices 1..N-1 in the order given). */
   readonly index: number
   readonly address: string
   readonly channel: FramedChannel
   /** Index of its stage in the plan. */
-  readonly stage: number
+  stage: number
   /** Its shard in the stage's tensor-parallel plan. */
-  readonly shardIndex: number
-  readonly role: StageRole
+  shardIndex: number
+  role: StageRole
+  /** Its seat in the master's allreduce hub, or -1 (not in the master's stage). */
+  hubIndex: number
+  /** Set once the master gave up on it (went away, stalled, failed); it then takes no part in anything. */
+  lost: Error | null
+  /** When it was declared lost (performance.now and Unix ms). */
+  lostAt: number
+  lostAtWallMs: number
+  /** The last epoch whose `aborted` it sent: frames from it before that are about aborted passes. */
+  epoch: number
+  /** When bytes last arrived from it (performance.now ms) and how many had arrived then. */
+  heardAt: number
+  heardBytes: number
+  /** What it last reported in an `error` frame about itself. */
+  report: { readonly message: string; readonly errorName: string | undefined } | null
 }
 
 /** One stage as the master executes it: on the master (it is the hub) or behind a leader. */
@@ -100,6 +131,70 @@ export interface ClusterOptions {
    * Each side shapes what it sends, from the moment the weights are loaded.
    */
   readonly links?: (from: number, to: number) => LinkEmulation | undefined
+  /**
+   * Survive a lost worker (see {@link Cluster.forward}): re-plan over the survivors, re-send shards, rebuild the KV
+   * cache and carry on. Default true; false fails the cluster on the first loss (PeerFailedError naming the peer).
+   */
+  readonly recover?: boolean
+  /**
+   * Base deadline for a worker's allreduce partial and for its silence, ms, scaled per pass by its positions (see
+   * peer-deadline.ts). Default 2000.
+   */
+  readonly peerDeadlineMs?: number
+  /**
+   * How a lost worker is replaced. `adopt` (default where possible): the master takes over the lost worker's shard,
+   * read from its model file (no weights cross the network; survivors keep theirs) — possible while the plan is
+   * tensor parallelism over the master and the master holds its share in memory (no `memoryBudgetBytes`); otherwise
+   * `even`: an even tensor-parallel plan over the master and the survivors, every shard sent again.
+   */
+  readonly recovery?: 'adopt' | 'even'
+  /** Called when a worker is declared lost, before anything else happens (e.g. to kill a local worker process). */
+  readonly onWorkerLost?: (device: number, peer: string, reason: Error) => void
+  /** Called once a recovery has completed: the failed pass's logits are ready. */
+  readonly onRecovered?: (report: RecoveryReport) => void
+}
+
+/** A worker the master gave up on (part of a {@link RecoveryReport}). */
+export interface LostWorker {
+  /** Its device index. */
+  readonly device: number
+  readonly peer: string
+  readonly address: string
+  /** `stalled`: silent past its deadline; `gone`: its stream ended or it reported a failure of its own. */
+  readonly kind: 'gone' | 'stalled'
+  /** Why, one line. */
+  readonly reason: string
+  /** How long nothing had arrived from it when it was declared lost, ms. */
+  readonly silentMs: number
+  /** When it was declared lost, Unix ms. */
+  readonly detectedAtMs: number
+}
+
+/** What one recovery did and how long each phase took (ms). */
+export interface RecoveryReport {
+  readonly lost: readonly LostWorker[]
+  /** `adopt`: the master took over the lost shards; `even`: an even plan over the master and the survivors. */
+  readonly strategy: 'adopt' | 'even'
+  /** Shards of the plan the master runs now (its own first). */
+  readonly masterShards: readonly number[]
+  /** Peers left, the master included. */
+  readonly peers: number
+  /** Positions whose KV cache was rebuilt (the sequence before the failed pass). */
+  readonly positions: number
+  /** From the failed pass's start to the loss being known (0 when it was known before the pass). */
+  readonly detectMs: number
+  /** Survivors dropping their passes in flight (`abort` until every `aborted`). */
+  readonly abortMs: number
+  /** Building the new plan (`even`). */
+  readonly replanMs: number
+  /** `even`: sending the new shards and loading them on every peer; `adopt`: the master loading the lost shards. */
+  readonly reshardMs: number
+  /** Re-running the sequence so far plus the failed pass on the new plan. */
+  readonly rebuildMs: number
+  /** detect + abort + re-plan + re-shard + rebuild: from the failed pass's start to its logits. */
+  readonly totalMs: number
+  /** Recovery attempts (more than 1 when another worker was lost while recovering). */
+  readonly attempts: number
 }
 
 /** Wire and time counters since the cluster started, for the run summary. */
@@ -112,83 +207,116 @@ export interface ClusterCounters {
   headMs: number
 }
 
+/** Replies the master awaits from a worker, one at a time per type. */
+type ReplyType = 'stats' | 'trace' | 'stage-out' | 'ready' | 'stage-ready' | 'aborted'
+
 /**
  * The master's view of a cluster: it owns the model file and the plan, sends each worker its stage's plan and its
  * shard of that stage's layers, keeps the embedding, final norm and classifier (plus its own shard when it is in a
  * stage), and drives forward passes: stage by stage in layer order, with a star allreduce inside each stage (itself
  * the hub of its own stage, a leader the hub of the others; see stage-worker.ts). Raw text and token ids never leave
  * this object: workers receive hidden states only.
+ *
+ * Failure and recovery (issue 8): every worker sends a heartbeat when it has nothing else to send, and the master
+ * declares a worker lost when its stream ends, it reports a failure, its allreduce partial misses the round's
+ * deadline, or nothing arrives from it for the deadline (see peer-deadline.ts for the rule). A pass that fails
+ * because of a lost worker is recovered unless `recover: false`: the survivors drop what is in flight (`abort`), the
+ * master plans tensor parallelism over itself and the survivors (even shares), sends the new shards on the same
+ * streams, and re-runs the sequence so far plus the failed pass, so the caller gets the logits it asked for.
  */
 export class Cluster {
-  /** The master's stage's tensor-parallel plan (the whole model for pure tensor parallelism), else the first stage's. */
-  readonly plan: TensorParallelPlan
-  /** Every stage, its devices and layers. */
-  readonly clusterPlan: ClusterPlan
   readonly model: ModelDescription
   readonly counters: ClusterCounters = { allreduces: 0, timings: { computeMs: 0, allreduceMs: 0, ioWaitMs: 0 }, stageWaitMs: 0, headMs: 0 }
+  /** Every recovery so far, in order. */
+  readonly recoveries: RecoveryReport[] = []
+  readonly #options: ClusterOptions
+  readonly #recover: boolean
+  readonly #strategy: 'adopt' | 'even'
+  readonly #deadlineMs: number
   readonly #node: TransportNode | null
-  readonly #links: readonly WorkerLink[]
-  readonly #stages: readonly StageExecution[]
-  readonly #hub: StarAllreduceHub | null
-  readonly #runner: ShardRunner | null
+  /** Workers in the cluster (a lost one stays until the next recovery handles it). */
+  #links: WorkerLink[]
+  /** Workers lost and handled (kept for the wire byte count). */
+  readonly #gone: WorkerLink[] = []
+  #clusterPlan: ClusterPlan
+  #plan: TensorParallelPlan
+  #stages: readonly StageExecution[] = []
+  #hub: StarAllreduceHub | null = null
+  #runner: ShardRunner | null = null
+  /** Shards of lost workers the master took over (`adopt`), by shard index, in order. */
+  #adopted: { readonly shardIndex: number; readonly runner: ShardRunner }[] = []
   readonly #head: Session
   readonly #embedding: LinearWeight // [vocab, dim], dense or quantized
+  readonly #source: ModelWeights
+  readonly #shapers: Map<string, LinkShaper>
   #step = 0
   #position = 0
+  /** Tokens fed since the last reset, in order: the prefix a recovery re-runs to rebuild the KV cache. */
+  #history: number[] = []
+  /** Incremented by every recovery; a worker's frames count once it acknowledged the current one. */
+  #epoch = 0
   #failure: Error | null = null
   #closing = false
+  /** The pass in flight (its positions set the silence deadline), else null. */
+  #inFlight: { readonly seq: number; readonly end: number } | null = null
+  #watchdog: ReturnType<typeof setInterval> | undefined
+  #lastTick = 0
   /**
-   * Replies awaited, by `device:type` (`stats`, `trace`, `stage-out`); all are rejected when any worker fails, since
-   * that fails the cluster.
+   * Replies awaited, by `device:type`; a worker's are rejected when it is lost, all are when the cluster fails.
    */
   readonly #replies = new Map<string, { resolve: (frame: Frame) => void; reject: (err: Error) => void }>()
-  #tracer: TraceRecorder | undefined
+  readonly #tracer: TraceRecorder | undefined
   #overheadBytes = 0
 
   private constructor(
     model: ModelDescription,
+    options: ClusterOptions,
     clusterPlan: ClusterPlan,
     node: TransportNode | null,
-    links: readonly WorkerLink[],
-    stages: readonly StageExecution[],
-    hub: StarAllreduceHub | null,
-    runner: ShardRunner | null,
+    links: WorkerLink[],
     head: Session,
     source: ModelWeights,
+    tracer: TraceRecorder | undefined,
+    shapers: Map<string, LinkShaper>,
   ) {
     this.model = model
-    this.clusterPlan = clusterPlan
-    const local = stages.find((s) => s.kind === 'local')
-    this.plan = (local ?? stages[0]!).plan.tensorParallel
+    this.#options = options
+    this.#recover = options.recover ?? true
+    this.#strategy = options.recovery ?? 'adopt'
+    this.#deadlineMs = options.peerDeadlineMs ?? DEFAULT_PEER_DEADLINE_MS
+    this.#clusterPlan = clusterPlan
+    this.#plan = masterPlanOf(clusterPlan)
     this.#node = node
     this.#links = links
-    this.#stages = stages
-    this.#hub = hub
-    this.#runner = runner
     this.#head = head
+    this.#source = source
     this.#embedding = source.linear('token_embd.weight')
+    this.#tracer = tracer
+    this.#shapers = shapers
   }
 
   /**
    * Plans the model over the master plus `options.workers` (or checks `options.plan`), dials every worker the plan
    * uses, sends plans and shards, loads the master's own shard, and connects the stages without the master.
    * @throws RangeError from the planner or the plan check (before any socket opens); DialError naming an unreachable
-   *   worker; PeerFailedError when a worker refuses its shard or a leader cannot reach its members.
+   *   worker; PeerFailedError when a worker refuses its shard or a leader cannot reach its members; MemoryBudgetError
+   *   when a worker's budget cannot hold its share.
    */
   static async start(model: ModelDescription, options: ClusterOptions): Promise<Cluster> {
     const nDevices = options.workers.length + 1
     const clusterPlan = options.plan
       ? checkClusterPlan(options.plan, model.config, nDevices)
       : tensorParallelClusterPlan(model.config, nDevices, { ...planConstraints(model), quantizedMatmul: options.quantizedMatmul ?? 'exact' })
-    const masterStageIndex = clusterPlan.stages.findIndex((s) => s.devices.includes(0))
-    const masterStage = clusterPlan.stages[masterStageIndex]
+    if (options.peerDeadlineMs !== undefined && !(Number.isFinite(options.peerDeadlineMs) && options.peerDeadlineMs > 0)) {
+      throw new RangeError(`peer deadline must be a positive number of ms, got ${options.peerDeadlineMs}`)
+    }
     const source = new ModelWeights(model)
     let node: TransportNode | null = null
     const links: WorkerLink[] = []
-    let hub: StarAllreduceHub | null = null
-    let writer: ShardFileWriter | null = null
     const tracer = options.trace ? new TraceRecorder() : undefined
     const shapers = new Map<string, LinkShaper>()
+    let head: Session | null = null
+    let cluster: Cluster | null = null
     try {
       const used = clusterPlan.stages.flatMap((stage, s) =>
         stage.devices.map((device, shardIndex) => ({ device, stage: s, shardIndex, role: stageRole(stage, shardIndex) })),
@@ -201,48 +329,149 @@ export class Cluster {
           const address = options.workers[u.device - 1]!
           // A fresh connection per address: libp2p would reuse the first agent's for a second one with the same peer id.
           const channel = await node.dial(address, TENSOR_PARALLEL_PROTOCOL, { ...(options.signal ? { signal: options.signal } : {}), fresh: true })
-          links.push({ index: u.device, address, channel, stage: u.stage, shardIndex: u.shardIndex, role: u.role })
+          links.push({
+            index: u.device,
+            address,
+            channel,
+            stage: u.stage,
+            shardIndex: u.shardIndex,
+            role: u.role,
+            hubIndex: -1,
+            lost: null,
+            lostAt: 0,
+            lostAtWallMs: 0,
+            epoch: 0,
+            heardAt: performance.now(),
+            heardBytes: 0,
+            report: null,
+          })
         }
         // Before any plan or weight leaves: refuse two agents answering as one peer id (a copied identity key).
         await checkDistinctWorkers(node, links.map((l) => ({ index: l.index, address: l.address, peer: l.channel.remotePeer })), options.signal ? { signal: options.signal } : {})
       }
-      const peerOf = (device: number): string => (device === 0 ? node!.peerId : links.find((l) => l.index === device)!.channel.remotePeer)
-      const emulated = (from: number): EmulatedLink[] =>
-        [0, ...links.map((l) => l.index)].flatMap((to) => {
-          const link = to === from ? undefined : options.links?.(from, to)
-          return link ? [{ peer: peerOf(to), rttMs: link.rttMs, bitsPerSecond: link.bitsPerSecond }] : []
-        })
-      const stageIds = clusterPlan.stages.map(() => randomBytes(8).toString('hex'))
-      await Promise.all(
-        links.map((l) => {
-          const links = emulated(l.index)
-          return l.channel.send({
-            type: 'plan',
-            plan: clusterPlan.stages[l.stage]!.tensorParallel,
-            shardIndex: l.shardIndex,
-            threads: options.threads,
-            ...(tracer ? { trace: true } : {}),
-            ...(l.role !== 'member' ? { role: l.role, stageId: stageIds[l.stage]! } : {}),
-            ...(links.length > 0 ? { links } : {}),
-          })
-        }),
+      // The classifier is baked into the head graph as an initializer (pre-packed by ORT; fast for MatMulNBits).
+      const classifier = source.linear('output.weight')
+      head = await Session.create(
+        'output_head',
+        buildOutputHead(
+          {
+            dim: model.config.dim,
+            vocabSize: model.config.vocabSize,
+            normEps: model.config.normEps,
+            bits: classifier.bits,
+            quantizedMatmul: masterPlanOf(clusterPlan).quantizedMatmul,
+          },
+          asConstants({
+            output_norm: { data: source.vector('output_norm.weight'), dims: [model.config.dim] },
+            ...linearFeeds('wcls', classifier),
+          }),
+        ),
+        { threads: options.threads },
       )
-      // Layer by layer: read the layer's tensors once, cut every peer's share, send it, forget the layer. Neither
-      // the whole model nor a whole shard needs to be in memory at once.
-      const budget = options.memoryBudgetBytes
-      const shardDir = options.shardDir ?? defaultShardDir('master')
-      const masterPlan = masterStage?.tensorParallel
+      cluster = new Cluster(model, options, clusterPlan, node, links, head, source, tracer, shapers)
+      source.clear()
+      for (const link of links) void cluster.#route(link)
+      cluster.#startWatchdog() // a worker that stalls while loading must not hang the start
+      try {
+        await cluster.#install(clusterPlan, true)
+      } catch (err) {
+        // A worker that went away or stalled while loading is replaced as during generation; one that refused its
+        // shard (a report of its own, e.g. over its memory budget) fails the start.
+        if (!cluster.#recover || cluster.#live().length === cluster.#links.length || cluster.#links.some((l) => l.lost && l.report)) throw err
+        const started = performance.now()
+        const phases = await cluster.#recoverLost()
+        cluster.#recovered({ ...phases, detectMs: 0, rebuildMs: 0, totalMs: performance.now() - started })
+      }
+      return cluster
+    } catch (err) {
+      if (cluster) {
+        cluster.#closing = true
+        clearInterval(cluster.#watchdog)
+        await cluster.#runner?.release().catch(() => {})
+      }
+      for (const link of links) link.channel.abort(err as Error)
+      await node?.stop()
+      await head?.release().catch(() => {})
+      throw err
+    }
+  }
+
+  /**
+   * Sends every worker its part of `clusterPlan` and its shard, layer by layer, on the open streams; loads the master's
+   * own shard; waits for every worker to be ready; connects the stages without the master; builds the master's hub.
+   * Runs at start and again after a worker is lost (workers accept a new `plan` on the same stream).
+   * @param first - the start (progress callbacks and emulated link shaping apply)
+   * @throws PeerFailedError or MemoryBudgetError naming a worker that refused its shard; whatever a lost worker's
+   *   stream ended with
+   */
+  async #install(clusterPlan: ClusterPlan, first: boolean): Promise<void> {
+    const options = this.#options
+    const model = this.model
+    const source = this.#source
+    const masterStageIndex = clusterPlan.stages.findIndex((s) => s.devices.includes(0))
+    const masterPlan = clusterPlan.stages[masterStageIndex]?.tensorParallel
+    // The old shards go first: their memory is needed for the new one.
+    await this.#runner?.release()
+    this.#runner = null
+    for (const a of this.#adopted) await a.runner.release()
+    this.#adopted = []
+    this.#hub = null
+    this.#stages = []
+    const links = this.#links.filter((l) => !l.lost)
+    for (const l of links) {
+      const s = clusterPlan.stages.findIndex((stage) => stage.devices.includes(l.index))
+      if (s < 0) throw new RangeError(`cannot install a plan without device ${l.index}: every connected worker needs a part`)
+      l.stage = s
+      l.shardIndex = clusterPlan.stages[s]!.devices.indexOf(l.index)
+      l.role = stageRole(clusterPlan.stages[s]!, l.shardIndex)
+      l.hubIndex = s === masterStageIndex ? l.shardIndex - 1 : -1
+    }
+    const peerOf = (device: number): string => (device === 0 ? this.#node!.peerId : links.find((l) => l.index === device)!.channel.remotePeer)
+    const emulated = (from: number): EmulatedLink[] =>
+      [0, ...links.map((l) => l.index)].flatMap((to) => {
+        const link = to === from ? undefined : options.links?.(from, to)
+        return link ? [{ peer: peerOf(to), rttMs: link.rttMs, bitsPerSecond: link.bitsPerSecond }] : []
+      })
+    const stageIds = clusterPlan.stages.map(() => randomBytes(8).toString('hex'))
+    const heartbeatMs = Math.max(10, Math.round(Math.min(DEFAULT_HEARTBEAT_MS, this.#deadlineMs / 4)))
+    const t0 = performance.now()
+    // Every send below settles before anything is thrown: a retry must not find old frames still leaving.
+    const refused = (link: WorkerLink) => (err: unknown) => {
+      throw refusal(link, 'refused its shard', err)
+    }
+    await settleAll(
+      links.map((l) => {
+        const emulatedLinks = emulated(l.index)
+        return l.channel.send({
+          type: 'plan',
+          plan: clusterPlan.stages[l.stage]!.tensorParallel,
+          shardIndex: l.shardIndex,
+          threads: options.threads,
+          ...(this.#tracer ? { trace: true } : {}),
+          ...(l.role !== 'member' ? { role: l.role, stageId: stageIds[l.stage]! } : {}),
+          ...(emulatedLinks.length > 0 ? { links: emulatedLinks } : {}),
+          heartbeatMs,
+          peerDeadlineMs: Math.max(1, Math.round(this.#deadlineMs)),
+        }).catch(refused(l))
+      }),
+    )
+    // Layer by layer: read the layer's tensors once, cut every peer's share, send it, forget the layer. Neither
+    // the whole model nor a whole shard needs to be in memory at once.
+    const budget = options.memoryBudgetBytes
+    const shardDir = options.shardDir ?? defaultShardDir('master')
+    let writer: ShardFileWriter | null = null
+    try {
       if (budget !== undefined && masterPlan) writer = await ShardFileWriter.create(shardDir)
       const own: LayerShardWeights[] = Array.from({ length: model.config.nLayers }, () => ({ attention: null, ffn: null }))
       const sent = links.map(() => 0)
       const inStage = (plan: TensorParallelPlan, layer: number): boolean => layer >= plan.layers.start && layer < plan.layers.start + plan.layers.count
       for (let layer = 0; layer < model.config.nLayers; layer++) {
-        await Promise.all(
+        await settleAll(
           links.map(async (link, i) => {
             const plan = clusterPlan.stages[link.stage]!.tensorParallel
             if (!inStage(plan, layer)) return
             for (const t of encodeLayerShard(sliceLayerShard(plan.model, plan.shards[link.shardIndex]!, layer, source))) {
-              await link.channel.send({ type: 'tensor', layer, name: t.name, bits: t.bits, rows: t.rows, cols: t.cols }, t.body)
+              await link.channel.send({ type: 'tensor', layer, name: t.name, bits: t.bits, rows: t.rows, cols: t.cols }, t.body).catch(refused(link))
               sent[i]! += 1
             }
           }),
@@ -256,10 +485,12 @@ export class Cluster {
           }
         }
         source.clearLayer(layer)
-        options.onLayerDistributed?.(layer, model.config.nLayers)
+        if (first) options.onLayerDistributed?.(layer, model.config.nLayers)
       }
-      await Promise.all(links.map((l, i) => l.channel.send({ type: 'load-done', tensors: sent[i]! })))
-      let runner: ShardRunner | null = null
+      log('install: shards sliced and sent in %d ms', Math.round(performance.now() - t0))
+      const ready = links.map((l) => this.#expect(l, 'ready'))
+      for (const r of ready) r.catch(() => {}) // awaited below
+      await settleAll(links.map((l, i) => l.channel.send({ type: 'load-done', tensors: sent[i]! }).catch(refused(l))))
       if (masterPlan) {
         let store: WeightStore | LayerShardWeights[] = own
         if (writer) {
@@ -268,72 +499,68 @@ export class Cluster {
           store = await openShard(shardDir, { budgetBytes: budget!, kvCacheBytes: kvCacheBytes(masterPlan, 0) })
           log('master shard: %d bytes on disk', total)
         }
-        runner = await ShardRunner.create(masterPlan, 0, store, { threads: options.threads, ...(budget !== undefined ? { lowMemory: true } : {}) })
+        this.#runner = await ShardRunner.create(masterPlan, 0, store, { threads: options.threads, ...(budget !== undefined ? { lowMemory: true } : {}) })
       }
-      const overheadBytes = memoryUsage().rssBytes
-      await Promise.all(links.map((link) => awaitReady(link, options)))
-      // Emulated links apply to the master's sends from here on, as they do on the workers.
-      for (const l of links) {
-        const link = options.links?.(0, l.index)
-        if (link) shapers.set(l.channel.remotePeer, new LinkShaper(link))
-      }
-      // Stages without the master: each leader dials its members.
-      const stages: StageExecution[] = clusterPlan.stages.map((plan, s) => {
-        if (s === masterStageIndex) {
-          return { kind: 'local', plan, members: plan.devices.slice(1).map((d) => links.find((l) => l.index === d)!) }
-        }
-        return { kind: 'remote', plan, leader: links.find((l) => l.index === plan.devices[0])! }
-      })
-      await Promise.all(
-        stages.map(async (stage) => {
-          if (stage.kind !== 'remote') return
-          const members = stage.plan.devices.slice(1).map((d, i) => ({ address: options.workers[d - 1]!, shardIndex: i + 1 }))
-          await stage.leader.channel.send({ type: 'stage', members })
-          const reply = await firstFrame(stage.leader.channel)
-          if (reply.header.type !== 'stage-ready') {
-            const why = reply.header.type === 'error' ? String(reply.header.message) : `unexpected ${String(reply.header.type)} frame`
-            const peer = typeof reply.header.peer === 'string' ? reply.header.peer : stage.leader.channel.remotePeer
-            throw new PeerFailedError(peer, `worker ${stage.leader.index} (${stage.leader.address}) cannot lead its stage: ${why}`)
-          }
+      log('install: master shard loaded at %d ms', Math.round(performance.now() - t0))
+      if (first) this.#overheadBytes = memoryUsage().rssBytes
+      await settleAll(
+        links.map(async (link, i) => {
+          await ready[i]!.catch(refused(link))
+          if (first) options.onWorkerReady?.(link.index, link.channel.remotePeer)
         }),
       )
-      const local = stages.find((s) => s.kind === 'local')
-      if (local && local.members.length > 0) hub = new StarAllreduceHub(local.members.map((l) => (tracer ? tracedLink(l.channel, tracer) : l.channel)))
-      // The classifier is baked into the head graph as an initializer (pre-packed by ORT; fast for MatMulNBits).
-      const classifier = source.linear('output.weight')
-      const head = await Session.create(
-        'output_head',
-        buildOutputHead(
-          {
-            dim: model.config.dim,
-            vocabSize: model.config.vocabSize,
-            normEps: model.config.normEps,
-            bits: classifier.bits,
-            quantizedMatmul: (masterPlan ?? clusterPlan.stages[0]!.tensorParallel).quantizedMatmul,
-          },
-          asConstants({
-            output_norm: { data: source.vector('output_norm.weight'), dims: [model.config.dim] },
-            ...linearFeeds('wcls', classifier),
-          }),
-        ),
-        { threads: options.threads },
-      )
-      const cluster = new Cluster(model, clusterPlan, node, links, stages, hub, runner, head, source)
-      source.clear()
-      cluster.#overheadBytes = overheadBytes
-      cluster.#tracer = tracer
-      for (const link of links) void cluster.#route(link)
-      return cluster
-    } catch (err) {
-      for (const link of links) link.channel.abort(err as Error)
-      await node?.stop()
-      throw err
+    } finally {
+      await writer?.finish().catch(() => {})
     }
+    log('install: every worker ready at %d ms', Math.round(performance.now() - t0))
+    // Emulated links apply to the master's sends from here on, as they do on the workers.
+    for (const l of links) {
+      const link = options.links?.(0, l.index)
+      if (link && !this.#shapers.has(l.channel.remotePeer)) this.#shapers.set(l.channel.remotePeer, new LinkShaper(link))
+    }
+    // Stages without the master: each leader dials its members.
+    const stages: StageExecution[] = clusterPlan.stages.map((plan, s) => {
+      if (s === masterStageIndex) {
+        return { kind: 'local', plan, members: plan.devices.slice(1).map((d) => links.find((l) => l.index === d)!) }
+      }
+      return { kind: 'remote', plan, leader: links.find((l) => l.index === plan.devices[0])! }
+    })
+    await settleAll(
+      stages.map(async (stage) => {
+        if (stage.kind !== 'remote') return
+        const members = stage.plan.devices.slice(1).map((d) => ({ address: links.find((l) => l.index === d)!.address, shardIndex: stage.plan.devices.indexOf(d) }))
+        const reply = this.#expect(stage.leader, 'stage-ready')
+        reply.catch(() => {})
+        await stage.leader.channel.send({ type: 'stage', members })
+        await reply.catch((err: unknown) => {
+          throw refusal(stage.leader, 'cannot lead its stage', err)
+        })
+      }),
+    )
+    const local = stages.find((s) => s.kind === 'local')
+    const tracer = this.#tracer
+    this.#hub =
+      local && local.members.length > 0
+        ? new StarAllreduceHub(local.members.map((l) => (tracer ? tracedLink(l.channel, tracer) : l.channel)), { deadlineMs: this.#deadlineMs })
+        : null
+    this.#stages = stages
+    this.#clusterPlan = clusterPlan
+    this.#plan = masterPlanOf(clusterPlan)
   }
 
   /** Devices in the plan, the master included (it always holds the embedding and the classifier). */
   get size(): number {
-    return this.#links.length + 1
+    return this.#live().length + 1
+  }
+
+  /** The master's stage's tensor-parallel plan (the whole model for pure tensor parallelism), else the first stage's. */
+  get plan(): TensorParallelPlan {
+    return this.#plan
+  }
+
+  /** Every stage, its devices and layers (after a recovery: tensor parallelism over the master and the survivors). */
+  get clusterPlan(): ClusterPlan {
+    return this.#clusterPlan
   }
 
   /** The master's tracer when started with `trace: true` (for spans such as tokens), else undefined. */
@@ -350,32 +577,110 @@ export class Cluster {
   async reset(): Promise<void> {
     this.#throwIfFailed()
     this.#runner?.reset()
+    for (const a of this.#adopted) a.runner.reset()
     this.#position = 0
-    await Promise.all(this.#links.filter((l) => l.role !== 'stage-member').map((l) => this.#send(l, { type: 'reset' })))
+    this.#history = []
+    await Promise.all(
+      this.#live()
+        .filter((l) => l.role !== 'stage-member')
+        .map((l) =>
+          this.#send(l, { type: 'reset' }).catch((err: unknown) => {
+            // A worker lost now is replaced at the next pass (its KV cache is empty anyway).
+            if (!this.#recover || !l.lost) throw this.#failure ?? err
+          }),
+        ),
+    )
   }
 
   /**
    * Feeds `tokens` at positions position..position+n-1 through every layer: stage by stage in layer order, the
    * master's own stage with the master as allreduce hub, every other stage behind its leader (`forward` out,
    * `stage-out` back).
+   *
+   * When a worker is lost before or during the pass (its stream ends, it reports a failure, or it stays silent past
+   * the deadline) and recovery is on, the pass is recovered: survivors abort what is in flight, the master re-plans
+   * tensor parallelism over itself and the survivors (even shares; the master alone when none is left), re-sends the
+   * shards, and runs the sequence since the last `reset` plus `tokens` again, so the caller gets the same logits.
+   * Several losses (one after another or at once) are recovered the same way.
    * @param allLogits return logits for every fed position instead of only the last.
    * @returns logits [n or 1, vocab] f32.
-   * @throws PeerFailedError naming the peer when a worker goes away or reports an error.
+   * @throws PeerFailedError (or PeerGoneError, PeerStalledError) naming the peer when a worker is lost and recovery is
+   *   off or itself fails; RangeError for a token outside the vocabulary or past the context.
    */
   async forward(tokens: readonly number[], allLogits = false): Promise<Float32Array> {
     this.#throwIfFailed()
     const { dim, vocabSize } = this.model.config
+    for (const token of tokens) {
+      if (!Number.isInteger(token) || token < 0 || token >= vocabSize) throw new RangeError(`token id ${token} is outside the vocabulary of ${vocabSize}`)
+    }
+    if (this.#position + tokens.length > this.#plan.model.maxSeqLen) {
+      throw new RangeError(`cannot forward to position ${this.#position + tokens.length}: the model's context is ${this.#plan.model.maxSeqLen}`)
+    }
+    // A recovery of this pass: when it began (the failed pass's start), how long the loss took to show, what it did.
+    let recovery: { readonly startedAt: number; readonly detectMs: number; report: RecoveryPhases } | null = null
+    let x: Float32Array
+    let fed: number
+    for (;;) {
+      const passStart = performance.now()
+      if (this.#recover && this.#live().length < this.#links.length) {
+        // A worker was lost (now, or while idle): replace it, then run the sequence so far plus `tokens`.
+        recovery ??= { startedAt: passStart, detectMs: 0, report: emptyPhases() }
+        recovery.report = mergePhases(recovery.report, await this.#recoverLost())
+      }
+      const feed = recovery ? [...this.#history, ...tokens] : tokens
+      try {
+        x = await this.#pass(feed)
+        fed = feed.length
+        break
+      } catch (err) {
+        if (!this.#lossOf(err as Error)) throw this.#failure ?? err
+        // The time from this pass's start to here went into noticing the loss.
+        recovery ??= { startedAt: passStart, detectMs: performance.now() - passStart, report: emptyPhases() }
+      }
+    }
+    if (recovery) {
+      const now = performance.now()
+      const r = recovery.report
+      this.#recovered({
+        ...r,
+        detectMs: recovery.detectMs,
+        rebuildMs: now - recovery.startedAt - recovery.detectMs - r.abortMs - r.replanMs - r.reshardMs,
+        totalMs: now - recovery.startedAt,
+      })
+    }
+    this.#history.push(...tokens)
+    this.#position = this.#history.length
+    const rows = allLogits ? x.subarray((fed - tokens.length) * dim) : x.subarray(x.length - dim)
+    const headStart = performance.now()
+    const out = await this.#head.run({ x: { data: rows, dims: [rows.length / dim, dim] } })
+    this.counters.headMs += performance.now() - headStart
+    return out.logits!.data as Float32Array
+  }
+
+  /** Records a completed recovery and tells `onRecovered`. */
+  #recovered(report: RecoveryReport): void {
+    this.recoveries.push(report)
+    log('recovered: %o', report)
+    try {
+      this.#options.onRecovered?.(report)
+    } catch (err) {
+      log.error('onRecovered threw: %s', (err as Error).message)
+    }
+  }
+
+  /**
+   * One pass of `tokens` at positions position..position+n-1 through every stage (position is 0 after a recovery).
+   * @returns the final hidden state [n, dim] f32
+   */
+  async #pass(tokens: readonly number[]): Promise<Float32Array> {
+    const { dim } = this.model.config
+    const pos0 = this.#position
     let x: Float32Array = new Float32Array(tokens.length * dim) // [seq, dim] f32
     const emb = this.#embedding
     for (const [i, token] of tokens.entries()) {
-      if (!Number.isInteger(token) || token < 0 || token >= vocabSize) throw new RangeError(`token id ${token} is outside the vocabulary of ${vocabSize}`)
       if (emb.bits === 32) x.set(emb.data.subarray(token * dim, (token + 1) * dim), i * dim)
       else nbitsRowF32(emb, token, x.subarray(i * dim, (i + 1) * dim))
     }
-    if (this.#position + tokens.length > this.plan.model.maxSeqLen) {
-      throw new RangeError(`cannot forward to position ${this.#position + tokens.length}: the model's context is ${this.plan.model.maxSeqLen}`)
-    }
-    const pos0 = this.#position
     const step = this.#step++
     const header = { type: 'forward', step, pos0, seq: tokens.length }
     const tracer = this.#tracer
@@ -383,15 +688,21 @@ export class Cluster {
       const bytes = new Uint8Array(body.buffer, body.byteOffset, body.byteLength)
       return tracer ? tracedLink(l.channel, tracer).send(header, bytes) : this.#send(l, header, bytes)
     }
+    // The round deadline grows with the pass (see peer-deadline.ts); so does the silence the watchdog allows.
+    const deadlineMs = stepDeadlineMs(this.#deadlineMs, this.model.config, tokens.length, pos0 + tokens.length)
+    const hub = this.#hub
+    const allreduce = hub ? { allreduce: (tag: number, partial: Float32Array | null) => hub.allreduce(tag, partial, { deadlineMs }) } : LOCAL_ALLREDUCE
+    this.#inFlight = { seq: tokens.length, end: pos0 + tokens.length }
     try {
       for (const stage of this.#stages) {
         if (stage.kind === 'local') {
           await Promise.all(stage.members.map((l) => send(l, x)))
-          await this.#runner!.forward(x, pos0, step, this.#hub ?? LOCAL_ALLREDUCE, this.counters.timings, tracer)
+          await this.#runLocal(x, pos0, step, allreduce)
           continue
         }
         const t0 = performance.now()
         const out = this.#expect(stage.leader, 'stage-out')
+        out.catch(() => {}) // awaited below, unless the send fails first
         await send(stage.leader, x)
         const frame = await out
         if (frame.header.step !== step || frame.header.seq !== tokens.length) {
@@ -403,28 +714,270 @@ export class Cluster {
         }
         this.counters.stageWaitMs += performance.now() - t0
       }
-    } catch (err) {
-      throw this.#failure ?? err
+    } finally {
+      this.#inFlight = null
     }
-    this.#position += tokens.length
     for (const stage of this.#stages) if (stage.plan.devices.length > 1) this.counters.allreduces += 2 * stage.plan.layers.count
-    const rows = allLogits ? x : x.subarray(x.length - dim)
-    const headStart = performance.now()
-    const out = await this.#head.run({ x: { data: rows, dims: [rows.length / dim, dim] } })
-    this.counters.headMs += performance.now() - headStart
-    return out.logits!.data as Float32Array
+    return x
+  }
+
+  /**
+   * Runs the master's shards of its stage on `x` [seq, dim] f32 in place: its own, plus those it took over from lost
+   * workers, which share its seat in the allreduce (their partials summed in shard order).
+   */
+  async #runLocal(x: Float32Array, pos0: number, step: number, allreduce: Allreduce): Promise<void> {
+    const runners = [this.#runner!, ...this.#adopted.map((a) => a.runner)]
+    if (runners.length === 1) {
+      await runners[0]!.forward(x, pos0, step, allreduce, this.counters.timings, this.#tracer)
+      return
+    }
+    const group = localAllreduceGroup(runners.length, allreduce)
+    const xs = runners.map((_, i) => (i === 0 ? x : x.slice())) // every shard starts from the same hidden state
+    const scratch: ForwardTimings = { computeMs: 0, allreduceMs: 0, ioWaitMs: 0 }
+    const runs = runners.map((r, i) => r.forward(xs[i]!, pos0, step, group.members[i]!, i === 0 ? this.counters.timings : scratch, i === 0 ? this.#tracer : undefined))
+    try {
+      await Promise.all(runs)
+    } catch (err) {
+      group.fail(err as Error)
+      await Promise.allSettled(runs)
+      throw err
+    }
+  }
+
+  /**
+   * Whether `err` (a pass's failure) comes from a lost worker that a recovery can replace: marks the worker it names
+   * lost (a stalled allreduce member), and fails the cluster when recovery is off.
+   */
+  #lossOf(err: Error): boolean {
+    if (this.#closing) return false
+    const named = (err as { peer?: unknown }).peer
+    if (LOSS_ERRORS.has(err.name) && typeof named === 'string') {
+      const link = this.#live().find((l) => l.channel.remotePeer === named)
+      if (link) {
+        const failure =
+          err.name === 'PeerStalledError' ? new PeerStalledError(named, `worker ${link.index} (${link.address}) stalled: ${err.message}`, { cause: err }) : err
+        this.#lose(link, failure)
+      }
+    }
+    if (!this.#recover) return false
+    return this.#live().length < this.#links.length
+  }
+
+  /**
+   * Replaces the lost workers: survivors abort what is in flight, the master plans tensor parallelism over itself and
+   * the survivors and installs it. Starts again when another worker is lost meanwhile. The KV cache is then empty:
+   * the caller re-runs the sequence.
+   * @throws whatever is not a worker's loss (a survivor refusing its new shard, e.g. MemoryBudgetError)
+   */
+  async #recoverLost(): Promise<RecoveryPhases> {
+    const lost: LostWorker[] = []
+    /** Shards of the workers lost so far that the master has not taken over yet (`adopt`). */
+    const orphans: number[] = []
+    let abortMs = 0
+    let replanMs = 0
+    let reshardMs = 0
+    for (let attempt = 1; ; attempt++) {
+      for (const l of this.#links.filter((link) => link.lost)) {
+        const reason = l.lost!
+        lost.push({
+          device: l.index,
+          peer: l.channel.remotePeer,
+          address: l.address,
+          kind: reason.name === 'PeerStalledError' ? 'stalled' : 'gone',
+          reason: reason.message,
+          silentMs: Math.max(0, l.lostAt - l.heardAt),
+          detectedAtMs: l.lostAtWallMs,
+        })
+        if (l.hubIndex >= 0) orphans.push(l.shardIndex)
+        this.#gone.push(l)
+      }
+      this.#links = this.#live()
+      this.#hub = null
+      for (const waiting of this.#replies.values()) waiting.reject(new Error('superseded by a recovery'))
+      this.#replies.clear()
+      const epoch = ++this.#epoch
+      const survivors = this.#links
+      // Adopt while the plan is tensor parallelism over the master, with its share resident, and every lost worker
+      // held a shard of it; otherwise plan evenly again.
+      const stage = this.#stages[0]
+      const adopt =
+        this.#strategy === 'adopt' &&
+        this.#clusterPlan.stages.length === 1 &&
+        stage?.kind === 'local' &&
+        this.#options.memoryBudgetBytes === undefined &&
+        lost.every((w) => this.#gone.find((l) => l.index === w.device)!.hubIndex >= 0)
+      log('recovery %d (attempt %d, %s): %d workers left', epoch, attempt, adopt ? 'adopt' : 'even', survivors.length)
+      try {
+        let t = performance.now()
+        await settleAll(
+          survivors.map(async (l) => {
+            const acked = this.#expect(l, 'aborted')
+            acked.catch(() => {})
+            await this.#send(l, { type: 'abort', epoch, step: this.#step, ...(adopt ? { keep: true } : {}) })
+            await acked
+          }),
+        )
+        abortMs += performance.now() - t
+        t = performance.now()
+        this.#position = 0
+        if (adopt) {
+          // Survivors keep their shards (their KV caches were reset); the master loads the lost ones from its file.
+          while (orphans.length > 0) {
+            await this.#adopt(orphans[0]!)
+            orphans.shift()
+          }
+          this.#runner?.reset()
+          for (const a of this.#adopted) a.runner.reset()
+          const tracer = this.#tracer
+          for (const [i, l] of survivors.entries()) l.hubIndex = i
+          this.#hub =
+            survivors.length > 0
+              ? new StarAllreduceHub(survivors.map((l) => (tracer ? tracedLink(l.channel, tracer) : l.channel)), { deadlineMs: this.#deadlineMs })
+              : null
+          this.#stages = [{ kind: 'local', plan: this.#clusterPlan.stages[0]!, members: survivors }]
+          reshardMs += performance.now() - t
+        } else {
+          const built = buildClusterPlan(this.model.config, [{ devices: [0, ...survivors.map((l) => l.index)], layers: this.model.config.nLayers }], this.#options.workers.length + 1, {
+            ...planConstraints(this.model),
+            quantizedMatmul: this.#plan.quantizedMatmul,
+          })
+          const why = (device: number): string => {
+            const w = lost.find((x) => x.device === device)
+            return w ? `lost: ${w.kind === 'stalled' ? 'stalled' : 'went away'}` : 'not in the plan'
+          }
+          const plan: ClusterPlan = { ...built, excluded: built.excluded.map((e) => ({ device: e.device, reason: why(e.device) })) }
+          replanMs += performance.now() - t
+          t = performance.now()
+          this.#stages = []
+          await this.#install(plan, false)
+          orphans.length = 0
+          reshardMs += performance.now() - t
+        }
+        // A survivor lost meanwhile would stall the first pass: go again without it now.
+        if (this.#live().length < this.#links.length) throw new Error('a worker was lost while the cluster recovered')
+        const masterShards = [0, ...this.#adopted.map((a) => a.shardIndex)]
+        return { lost, strategy: adopt ? 'adopt' : 'even', masterShards, peers: survivors.length + 1, positions: this.#history.length, abortMs, replanMs, reshardMs, attempts: attempt }
+      } catch (err) {
+        // Nobody else was lost meanwhile: this is not a loss a re-plan can fix (or the cluster is stopping).
+        if (this.#closing || this.#live().length === this.#links.length) {
+          this.#failure ??= err as Error
+          throw err
+        }
+        log('recovery %d failed (%s): going again without the workers lost meanwhile', epoch, (err as Error).message)
+      }
+    }
+  }
+
+  /** Takes over shard `shardIndex` of the master's stage: slices it from the model file and loads it here. */
+  async #adopt(shardIndex: number): Promise<void> {
+    const started = performance.now()
+    const plan = this.#plan
+    const own: LayerShardWeights[] = Array.from({ length: this.model.config.nLayers }, () => ({ attention: null, ffn: null }))
+    for (let layer = plan.layers.start; layer < plan.layers.start + plan.layers.count; layer++) {
+      own[layer] = ownedLayerShard(sliceLayerShard(plan.model, plan.shards[shardIndex]!, layer, this.#source))
+      this.#source.clearLayer(layer)
+    }
+    const sliced = performance.now()
+    const runner = await ShardRunner.create(plan, shardIndex, own, { threads: this.#options.threads })
+    this.#adopted = [...this.#adopted, { shardIndex, runner }].sort((a, b) => a.shardIndex - b.shardIndex)
+    log('took over shard %d: sliced in %d ms, loaded in %d ms', shardIndex, Math.round(sliced - started), Math.round(performance.now() - sliced))
+  }
+
+  /**
+   * Declares `link` lost: aborts its stream (a stalled process must not block anything), fails what waits on it, and
+   * tells `onWorkerLost`. Without recovery the cluster fails with `failure`.
+   */
+  #lose(link: WorkerLink, failure: Error): void {
+    if (link.lost || this.#closing) return
+    link.lost = failure
+    link.lostAt = performance.now()
+    link.lostAtWallMs = Date.now()
+    log.error('%s', failure.message)
+    link.channel.abort(failure)
+    if (link.hubIndex >= 0) this.#hub?.fail(link.hubIndex, failure)
+    if (!this.#recover) this.#failure ??= failure
+    // Its own replies fail; so does any stage's output (the pass cannot complete with a peer missing).
+    for (const [key, waiting] of this.#replies) {
+      if (key.startsWith(`${link.index}:`) || key.endsWith(':stage-out') || !this.#recover) {
+        this.#replies.delete(key)
+        waiting.reject(this.#failure ?? failure)
+      }
+    }
+    try {
+      this.#options.onWorkerLost?.(link.index, link.channel.remotePeer, failure)
+    } catch (err) {
+      log.error('onWorkerLost threw: %s', (err as Error).message)
+    }
+  }
+
+  /** Rejects what waits on `link`'s replies with `err`. */
+  #rejectReplies(link: WorkerLink, err: Error): void {
+    for (const [key, waiting] of this.#replies) {
+      if (!key.startsWith(`${link.index}:`)) continue
+      this.#replies.delete(key)
+      waiting.reject(err)
+    }
+  }
+
+  /** Workers not lost. */
+  #live(): WorkerLink[] {
+    return this.#links.filter((l) => !l.lost)
+  }
+
+  /**
+   * The silence watchdog: a worker from which nothing arrived (no frame, no heartbeat) for the deadline of the pass in
+   * flight (the base deadline when idle) is lost with PeerStalledError. A tick that comes late means this process was
+   * busy (it could not read either): every worker gets a fresh window then.
+   */
+  #startWatchdog(): void {
+    if (this.#links.length === 0) return
+    const intervalMs = Math.max(5, Math.min(250, this.#deadlineMs / 8))
+    this.#lastTick = performance.now()
+    for (const l of this.#links) {
+      l.heardAt = this.#lastTick
+      l.heardBytes = l.channel.bytesReceived
+    }
+    this.#watchdog = setInterval(() => {
+      const now = performance.now()
+      const previous = this.#lastTick
+      const late = now - previous > 3 * intervalMs
+      this.#lastTick = now
+      const f = this.#inFlight
+      const limitMs = f ? stepDeadlineMs(this.#deadlineMs, this.model.config, f.seq, f.end) : this.#deadlineMs
+      for (const l of this.#live()) {
+        const bytes = l.channel.bytesReceived
+        if (late) {
+          l.heardBytes = bytes
+          l.heardAt = now
+        } else if (bytes !== l.heardBytes) {
+          // Bytes (a frame's first part, say) came since the last tick; frames themselves stamp the exact time.
+          l.heardBytes = bytes
+          l.heardAt = Math.max(l.heardAt, previous)
+        } else if (now - l.heardAt > limitMs) {
+          const silentMs = Math.round(now - l.heardAt)
+          this.#lose(l, new PeerStalledError(l.channel.remotePeer, `worker ${l.index} (${l.address}) stalled: nothing from peer ${l.channel.remotePeer} for ${silentMs} ms (deadline ${Math.round(limitMs)} ms)`))
+        }
+      }
+    }, intervalMs)
+    this.#watchdog.unref()
   }
 
   /**
    * Counters of every peer, the master first: forward passes, compute / allreduce-wait / I/O-wait ms, the weight
-   * window, and memory. Asks each worker over its stream.
+   * window, and memory. Asks each worker over its stream (with recovery on, a worker lost meanwhile is left out).
    */
   async peerStats(): Promise<(WorkerStats & { readonly peer: string })[]> {
     this.#throwIfFailed()
+    const links = this.#live()
     const workers = await Promise.all(
-      this.#links.map(
-        (l) =>
-          this.#request(l, 'stats').then((frame) => ({ ...(frame.header as unknown as WorkerStats), peer: l.channel.remotePeer })),
+      links.map((l) =>
+        this.#request(l, 'stats').then(
+          (frame) => ({ ...(frame.header as unknown as WorkerStats), peer: l.channel.remotePeer }),
+          (err: unknown) => {
+            if (this.#recover && l.lost) return null
+            throw err
+          },
+        ),
       ),
     )
     const t = this.counters.timings
@@ -438,7 +991,7 @@ export class Cluster {
       ...memoryUsage(),
       overheadBytes: this.#overheadBytes,
     }
-    return [master, ...workers]
+    return [master, ...workers.filter((w) => w !== null)]
   }
 
   /**
@@ -449,15 +1002,15 @@ export class Cluster {
   async probeLinks(options: LinkProbeOptions | ((device: number) => LinkProbeOptions) = {}): Promise<{ device: number; link: LinkMeasurement }[]> {
     this.#throwIfFailed()
     const out: { device: number; link: LinkMeasurement }[] = []
-    for (const l of this.#links) {
+    for (const l of this.#live()) {
       out.push({ device: l.index, link: await probeLink(this.#node!, l.address, typeof options === 'function' ? options(l.index) : options) })
     }
     return out
   }
 
-  /** Device index of each entry of {@link peerStats} after the master (workers in the plan, by device). */
+  /** Device index of each worker in the plan, in the order of {@link peerStats} after the master. */
   get workerDevices(): readonly number[] {
-    return this.#links.map((l) => l.index)
+    return this.#live().map((l) => l.index)
   }
 
   /**
@@ -470,19 +1023,19 @@ export class Cluster {
     const tracer = this.#tracer
     if (!tracer) throw new RangeError('cannot collect a trace: the cluster was started without tracing')
     const workers = await Promise.all(
-      this.#links.map(async (l): Promise<PeerTrace> => {
-          const sentMs = wallClockMs()
-          const frame = await this.#request(l, 'trace')
-          const receivedMs = wallClockMs()
-          const h = frame.header as unknown as WorkerTraceHeader
-          const spans = JSON.parse(new TextDecoder().decode(frame.body)) as RecordedSpan[]
-          return {
-            peer: l.channel.remotePeer,
-            role: `worker ${l.index}`,
-            trace: { timeOriginMs: h.timeOriginMs, spans },
-            offsetMs: clockOffsetMs(sentMs, h.receivedMs, h.sentMs, receivedMs),
-          }
-        }),
+      this.#live().map(async (l): Promise<PeerTrace> => {
+        const sentMs = wallClockMs()
+        const frame = await this.#request(l, 'trace')
+        const receivedMs = wallClockMs()
+        const h = frame.header as unknown as WorkerTraceHeader
+        const spans = JSON.parse(new TextDecoder().decode(frame.body)) as RecordedSpan[]
+        return {
+          peer: l.channel.remotePeer,
+          role: `worker ${l.index}`,
+          trace: { timeOriginMs: h.timeOriginMs, spans },
+          offsetMs: clockOffsetMs(sentMs, h.receivedMs, h.sentMs, receivedMs),
+        }
+      }),
     )
     const master: PeerTrace = { peer: this.#node?.peerId ?? 'master', role: 'master', trace: tracer.take(), offsetMs: 0 }
     return mergeTraces([master, ...workers])
@@ -491,8 +1044,9 @@ export class Cluster {
   /** Says goodbye to the workers, closes the streams and the node, releases the sessions. */
   async stop(): Promise<void> {
     this.#closing = true
+    clearInterval(this.#watchdog)
     await Promise.all(
-      this.#links.map(async (l) => {
+      this.#live().map(async (l) => {
         await this.#send(l, { type: 'bye' }).catch(() => {})
         log('bye sent to worker %d', l.index)
         await l.channel.close().catch(() => {})
@@ -502,6 +1056,7 @@ export class Cluster {
     await this.#node?.stop()
     log('node stopped')
     await this.#runner?.release()
+    for (const a of this.#adopted) await a.runner.release()
     await this.#head.release()
   }
 
@@ -515,34 +1070,60 @@ export class Cluster {
 
   /** Frame bytes the master has sent plus received over all worker streams (encrypted payload, before noise). */
   get wireBytes(): number {
-    return this.#links.reduce((sum, l) => sum + l.channel.bytesSent + l.channel.bytesReceived, 0)
+    return [...this.#links, ...this.#gone].reduce((sum, l) => sum + l.channel.bytesSent + l.channel.bytesReceived, 0)
   }
 
   /**
    * Reads one worker's frames for the whole session: allreduce partials of the master's stage go to the hub, replies
-   * to their requests, errors fail the cluster.
+   * to their requests, heartbeats only show it is alive; a failure of its own, or its stream ending, loses it; a
+   * failure it reports of another worker loses that one. Frames about passes of an aborted epoch are dropped.
    */
   async #route(link: WorkerLink): Promise<void> {
-    const hubMember = link.role === 'member' ? link.shardIndex - 1 : -1
     try {
       for await (const frame of link.channel) {
         if (this.#tracer) traceReceive(this.#tracer, frame.header, frame.body.byteLength, link.channel.remotePeer)
+        link.heardAt = performance.now()
         const type = frame.header.type
-        if (type === 'ar' && hubMember >= 0) {
-          this.#hub?.deliver(hubMember, frame)
-        } else if (type === 'stats' || type === 'trace' || (type === 'stage-out' && link.role === 'leader')) {
+        if (type === 'ping') continue
+        if (type === 'aborted') {
+          if (frame.header.epoch !== this.#epoch) continue // an older recovery's answer
+          link.epoch = this.#epoch
           this.#reply(link, frame)
-        } else if (type === 'error') {
-          // A leader names the member that failed its stage; otherwise the worker itself failed.
-          const peer = typeof frame.header.peer === 'string' ? frame.header.peer : link.channel.remotePeer
-          throw new PeerFailedError(peer, `worker ${link.index} (${link.address}) failed: ${String(frame.header.message)}`)
+          continue
+        }
+        const current = link.epoch === this.#epoch
+        if (type === 'error') {
+          const message = String(frame.header.message)
+          const culprit = typeof frame.header.peer === 'string' && frame.header.peer !== link.channel.remotePeer ? frame.header.peer : null
+          if (culprit === null) {
+            link.report = { message, errorName: typeof frame.header.errorName === 'string' ? frame.header.errorName : undefined }
+            throw new PeerFailedError(link.channel.remotePeer, `worker ${link.index} (${link.address}) failed: ${message}`)
+          }
+          // It names another worker (a stage member gone): that one is lost; this one waits for the re-plan.
+          if (!current) continue // about passes already given up on
+          const failure = new PeerFailedError(culprit, `worker ${link.index} (${link.address}) failed: ${message}`)
+          const target = this.#live().find((l) => l.channel.remotePeer === culprit)
+          if (target && this.#recover) {
+            this.#lose(target, failure)
+            this.#rejectReplies(link, failure) // e.g. the stage-ready or stage-out it cannot give now
+          } else {
+            if (!this.#recover) this.#failure ??= failure
+            throw failure
+          }
+          continue
+        }
+        if (!current) continue // a frame of a pass the master gave up on
+        if (type === 'ar' && link.hubIndex >= 0) {
+          this.#hub?.deliver(link.hubIndex, frame)
+        } else if (type === 'stats' || type === 'trace' || type === 'ready' || type === 'stage-ready' || (type === 'stage-out' && link.role === 'leader')) {
+          this.#reply(link, frame)
         } else {
           throw new PeerFailedError(link.channel.remotePeer, `worker ${link.index} (${link.address}) sent an unexpected ${String(type)} frame`)
         }
       }
       if (!this.#closing) throw new PeerGoneError(link.channel.remotePeer)
     } catch (err) {
-      if (this.#closing) return
+      if (this.#closing || link.lost) return
       const failure =
         err instanceof PeerFailedError
           ? err
@@ -551,17 +1132,14 @@ export class Cluster {
               `worker ${link.index} (${link.address}) went away during generation: ${(err as Error).message}`,
               { cause: err },
             )
-      log.error('%s', failure.message)
-      this.#failure ??= failure
-      if (hubMember >= 0) this.#hub?.fail(hubMember, failure)
-      for (const waiting of this.#replies.values()) waiting.reject(this.#failure)
-      this.#replies.clear()
+      this.#lose(link, failure)
     }
   }
 
-  /** Waits for the next `type` reply of one worker; rejected when any worker fails first. */
-  #expect(link: WorkerLink, type: 'stats' | 'trace' | 'stage-out'): Promise<Frame> {
+  /** Waits for the next `type` reply of one worker; rejected when it is lost (or the cluster fails) first. */
+  #expect(link: WorkerLink, type: ReplyType): Promise<Frame> {
     if (this.#failure) return Promise.reject(this.#failure)
+    if (link.lost) return Promise.reject(link.lost)
     const key = `${link.index}:${type}`
     if (this.#replies.has(key)) return Promise.reject(new RangeError(`a ${type} request to worker ${link.index} is already waiting`))
     return new Promise<Frame>((resolve, reject) => this.#replies.set(key, { resolve, reject }))
@@ -587,22 +1165,56 @@ export class Cluster {
   }
 }
 
+/** The tensor-parallel plan of the master's stage, else the first stage's. */
+function masterPlanOf(plan: ClusterPlan): TensorParallelPlan {
+  return (plan.stages.find((s) => s.devices.includes(0)) ?? plan.stages[0]!).tensorParallel
+}
+
+/** What a recovery did before the sequence is re-run (see {@link RecoveryReport}). */
+type RecoveryPhases = Omit<RecoveryReport, 'rebuildMs' | 'totalMs' | 'detectMs'>
+
+function emptyPhases(): RecoveryPhases {
+  return { lost: [], strategy: 'even', masterShards: [0], peers: 0, positions: 0, abortMs: 0, replanMs: 0, reshardMs: 0, attempts: 0 }
+}
+
+/** Two recoveries of one pass (a worker lost while re-running the sequence) as one report. */
+function mergePhases(a: RecoveryPhases, b: RecoveryPhases): RecoveryPhases {
+  return {
+    lost: [...a.lost, ...b.lost],
+    strategy: b.strategy,
+    masterShards: b.masterShards,
+    peers: b.peers,
+    positions: b.positions,
+    abortMs: a.abortMs + b.abortMs,
+    replanMs: a.replanMs + b.replanMs,
+    reshardMs: a.reshardMs + b.reshardMs,
+    attempts: a.attempts + b.attempts,
+  }
+}
+
+/** Waits for every promise to settle, then throws the first rejection (nothing is left in flight on a stream). */
+async function settleAll(promises: readonly Promise<unknown>[]): Promise<void> {
+  const results = await Promise.allSettled(promises)
+  const failed = results.find((r) => r.status === 'rejected')
+  if (failed) throw failed.reason
+}
+
+/**
+ * The error of a worker that failed a step of its setup (`what`: "refused its shard"): what it reported when it did
+ * (MemoryBudgetError when its budget was too small), else why its stream ended.
+ */
+function refusal(link: WorkerLink, what: string, err: unknown): Error {
+  const report = link.report
+  if (!report) return err as Error
+  const message = `worker ${link.index} (${link.address}) ${what}: ${report.message}`
+  if (report.errorName === MemoryBudgetError.name) return new MemoryBudgetError(message, 0)
+  return new PeerFailedError(link.channel.remotePeer, message, { cause: err })
+}
+
 /** A device's role in its stage: member of the master's stage, or leader / member of a stage without it. */
 function stageRole(stage: StagePlan, shardIndex: number): StageRole {
   if (stage.devices.includes(0)) return 'member'
   return shardIndex === 0 ? 'leader' : 'stage-member'
-}
-
-async function awaitReady(link: WorkerLink, options: ClusterOptions): Promise<void> {
-  const { channel } = link
-  const reply = await firstFrame(channel)
-  if (reply.header.type !== 'ready') {
-    const why = reply.header.type === 'error' ? String(reply.header.message) : `unexpected ${String(reply.header.type)} frame`
-    const message = `worker ${link.index} (${link.address}) refused its shard: ${why}`
-    if (reply.header.errorName === MemoryBudgetError.name) throw new MemoryBudgetError(message, 0)
-    throw new PeerFailedError(channel.remotePeer, message)
-  }
-  options.onWorkerReady?.(link.index, channel.remotePeer)
 }
 
 /**
@@ -612,6 +1224,7 @@ async function awaitReady(link: WorkerLink, options: ClusterOptions): Promise<vo
 class ModelWeights implements WeightSource {
   readonly #model: ModelDescription
   readonly #cache = new Map<string, LinearWeight | Float32Array>()
+  readonly #rawCache = new Map<string, Uint8Array>()
 
   constructor(model: ModelDescription) {
     this.#model = model
@@ -637,13 +1250,52 @@ class ModelWeights implements WeightSource {
     return t as LinearWeight
   }
 
+  /**
+   * Output features of a 2-D tensor. For Q4_0/Q8_0 only those rows' blocks are read and re-laid out, so one shard costs
+   * its share of the work (a master taking over a lost worker's shard reads and converts a quarter of the model, not
+   * all of it); other types are cut from the cached full weight.
+   */
+  linearRows(name: string, start: number, count: number): LinearWeight {
+    const ref = this.#quantized(name)
+    if (!ref) return linearRows(this.linear(name), start, count)
+    const rows = ref.shape[0]!
+    const rowBytes = ref.byteLength / rows
+    if (start < 0 || count < 0 || start + count > rows) throw new RangeError(`cannot take rows ${start}..${start + count} of ${name} (${rows} rows)`)
+    const bytes = this.#rawCache.get(name)?.subarray(start * rowBytes, (start + count) * rowBytes) ?? readTensorRange(this.#model, name, start * rowBytes, count * rowBytes)
+    return ggmlToNBits(ref.dtype, bytes, count, ref.shape[1]!)
+  }
+
+  /**
+   * Input features of a 2-D tensor. For Q4_0/Q8_0 the raw blocks are read once (cached until the layer is cleared:
+   * every row holds some of the columns) and only the kept blocks are re-laid out.
+   */
+  linearColumns(name: string, start: number, count: number): LinearWeight {
+    const ref = this.#quantized(name)
+    if (!ref) return linearColumns(this.linear(name), start, count)
+    let bytes = this.#rawCache.get(name)
+    if (!bytes) {
+      bytes = readTensorBytes(this.#model, name)
+      this.#rawCache.set(name, bytes)
+    }
+    return ggmlColumnsToNBits(ref.dtype, bytes, ref.shape[0]!, ref.shape[1]!, start, count)
+  }
+
+  /** The reference of 2-D tensor `name` when it is Q4_0/Q8_0, else null. */
+  #quantized(name: string): (TensorRef & { dtype: 'q4_0' | 'q8_0' }) | null {
+    const ref = this.#model.tensors.get(name)
+    if (ref?.shape.length !== 2) throw new RangeError(`model ${this.#model.path} has no 2-D tensor ${name}`)
+    return ref.dtype === 'q4_0' || ref.dtype === 'q8_0' ? (ref as TensorRef & { dtype: 'q4_0' | 'q8_0' }) : null
+  }
+
   /** Forgets the cached tensors of layer `layer`. */
   clearLayer(layer: number): void {
+    for (const name of this.#rawCache.keys()) if (name.startsWith(`blk.${layer}.`)) this.#rawCache.delete(name)
     for (const name of this.#cache.keys()) if (name.startsWith(`blk.${layer}.`)) this.#cache.delete(name)
   }
 
   clear(): void {
     this.#cache.clear()
+    this.#rawCache.clear()
   }
 }
 
@@ -667,11 +1319,4 @@ export function planConstraints(model: ModelDescription): TensorParallelOptions 
     ffnBlock: layers.some((i) => quantized(`blk.${i}.ffn_down.weight`)) ? 32 : 1,
     attentionBlock: layers.some((i) => quantized(`blk.${i}.attn_output.weight`)) ? 32 : 1,
   }
-}
-
-async function firstFrame(channel: FramedChannel): Promise<Frame> {
-  const it = channel[Symbol.asyncIterator]()
-  const { value, done } = await it.next()
-  if (done) throw new PeerGoneError(channel.remotePeer)
-  return value
 }

@@ -19,6 +19,17 @@ import type { TensorParallelPlan } from '../splitter/index.ts'
  * `stats`, `trace` and `bye` still go to every worker directly. An `error` may name the peer that caused it (`peer`,
  * e.g. a leader's member that went away).
  *
+ * Failure and recovery (issue 8, see cluster.ts): a `plan` with `heartbeatMs` makes the worker send `ping` whenever it
+ * has sent nothing else for that long, so the master can tell a silent (stalled) worker from a busy one; its
+ * `peerDeadlineMs` is the base deadline a stage leader gives its members' allreduce partials (see peer-deadline.ts).
+ * When the master loses a worker it sends every survivor `abort` { epoch, step, keep? }: the survivor drops its
+ * in-flight forward passes and allreduce rounds without reporting them (they fail because of the lost peer, not
+ * because of it), ignores `forward` and `ar` frames of steps before `step`, and answers `aborted` { epoch } once
+ * nothing of the old passes is left to send. With `keep` it keeps its shard (KV cache emptied) and the master carries
+ * on with the same plan, the lost shard on the master; without, it releases its shard and stage role and the master
+ * sends a new `plan` and shard on the same stream. The master ignores a survivor's frames from before `aborted`. An `error` naming another peer (`peer`)
+ * does not end the reporting worker's session: it waits for `abort`.
+ *
  * Workers never receive token ids or text: only weights and hidden states.
  */
 export type MasterMessage =
@@ -34,6 +45,10 @@ export type MasterMessage =
       stageId?: string
       /** Link emulation (`edgeshard emulate`): shape what this worker sends to each peer, once its shard is loaded. */
       links?: readonly EmulatedLink[]
+      /** Send `ping` whenever nothing else was sent for this long, ms (absent: no heartbeats). */
+      heartbeatMs?: number
+      /** A leader's base deadline for its members' allreduce partials, ms (absent: none; see peer-deadline.ts). */
+      peerDeadlineMs?: number
     }
   | { type: 'stage'; members: readonly StageMemberAddress[] }
   | { type: 'tensor'; layer: number; name: WeightName; bits: 32 | 8 | 4; rows: number; cols: number }
@@ -43,6 +58,11 @@ export type MasterMessage =
   | { type: 'stats' }
   | { type: 'trace' }
   | { type: 'bye' }
+  /**
+   * Drop everything in flight; `step` is the first step of the passes that follow. `keep`: keep the shard (KV cache
+   * emptied) for the same plan; otherwise release it and wait for a new plan.
+   */
+  | { type: 'abort'; epoch: number; step: number; keep?: boolean }
 
 /**
  * A worker's part in a cluster plan: `member` of the master's stage (the master is its hub), `leader` of a stage
@@ -95,6 +115,8 @@ export type WorkerMessage =
   | { type: 'error'; message: string; errorName?: string; peer?: string }
   | { type: 'stage-ready' }
   | { type: 'stage-out'; step: number; seq: number }
+  | { type: 'ping' }
+  | { type: 'aborted'; epoch: number }
 
 /**
  * Weight names of a layer shard (graph input names of the attention and FFN blocks). A `tensor` frame's body is
@@ -148,6 +170,17 @@ function int(h: Record<string, unknown>, key: string, min = 0): number {
   return v
 }
 
+/** Longest heartbeat interval or deadline a plan may ask for, ms (an hour). */
+const MAX_MS = 3_600_000
+
+function boundedMs(h: Record<string, unknown>, key: string, min: number): number {
+  const v = h[key]
+  if (typeof v !== 'number' || !Number.isInteger(v) || v < min || v > MAX_MS) {
+    throw new ProtocolError(`frame ${String(h.type)}: field ${key} must be an integer in [${min}, ${MAX_MS}] ms, got ${JSON.stringify(v)}`)
+  }
+  return v
+}
+
 /**
  * Checks a header received by a worker.
  * @throws ProtocolError naming the message type and field.
@@ -177,6 +210,8 @@ export function parseMasterMessage(h: Record<string, unknown>): MasterMessage {
         throw new ProtocolError(`frame plan: layers ${JSON.stringify(plan.layers)} are not a range inside the model's ${JSON.stringify(nLayers)} layers`)
       }
       if (h.trace !== undefined && typeof h.trace !== 'boolean') throw new ProtocolError(`frame plan: field trace must be a boolean, got ${JSON.stringify(h.trace)}`)
+      const heartbeatMs = h.heartbeatMs === undefined ? undefined : boundedMs(h, 'heartbeatMs', 10)
+      const peerDeadlineMs = h.peerDeadlineMs === undefined ? undefined : boundedMs(h, 'peerDeadlineMs', 1)
       return {
         type: 'plan',
         plan,
@@ -185,6 +220,8 @@ export function parseMasterMessage(h: Record<string, unknown>): MasterMessage {
         ...(h.trace ? { trace: true } : {}),
         ...(role !== 'member' ? { role, stageId: stageId as string } : {}),
         ...(links ? { links } : {}),
+        ...(heartbeatMs !== undefined ? { heartbeatMs } : {}),
+        ...(peerDeadlineMs !== undefined ? { peerDeadlineMs } : {}),
       }
     }
     case 'stage': {
@@ -224,6 +261,10 @@ export function parseMasterMessage(h: Record<string, unknown>): MasterMessage {
       return { type: 'trace' }
     case 'bye':
       return { type: 'bye' }
+    case 'abort': {
+      if (h.keep !== undefined && typeof h.keep !== 'boolean') throw new ProtocolError(`frame abort: field keep must be a boolean, got ${JSON.stringify(h.keep)}`)
+      return { type: 'abort', epoch: int(h, 'epoch', 1), step: int(h, 'step'), ...(h.keep ? { keep: true } : {}) }
+    }
     default:
       throw new ProtocolError(`unexpected frame type ${JSON.stringify(h.type)} from the master`)
   }

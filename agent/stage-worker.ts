@@ -23,6 +23,7 @@ import {
   type TransportNode,
 } from '../transport/index.ts'
 import { PeerFailedError } from './errors.ts'
+import { type DeadlineModelShape, stepDeadlineMs } from './peer-deadline.ts'
 import { ProtocolError, type StageMemberAddress } from './protocol.ts'
 import { type TraceRecorder, traceReceive, tracedLink } from './trace.ts'
 
@@ -75,6 +76,14 @@ export function parseLeaderMessage(h: Record<string, unknown>): LeaderMessage {
   }
 }
 
+/** Options of a {@link StageLeader}. */
+export interface StageLeaderOptions {
+  /** Base deadline for the members' allreduce partials, ms (see peer-deadline.ts). Default: none. */
+  readonly peerDeadlineMs?: number
+  /** The plan's model shape (the deadline grows with a pass's arithmetic). */
+  readonly model?: DeadlineModelShape
+}
+
 /** What a worker's session lends its stage role. */
 export interface StageSession {
   readonly node: TransportNode
@@ -109,17 +118,25 @@ export interface StageRole {
 export class StageLeader implements StageRole {
   readonly #session: StageSession
   readonly #stageId: string
+  readonly #deadline: { readonly baseMs: number; readonly model: DeadlineModelShape } | null
   #members: { channel: FramedChannel; address: string }[] = []
   #hub: StarAllreduceHub | null = null
+  /** The allreduce of the pass in flight: the hub with that pass's deadline. */
+  #allreduce: Allreduce = LOCAL_ALLREDUCE
   #closing = false
 
-  constructor(session: StageSession, stageId: string) {
+  /**
+   * @param options.peerDeadlineMs - base deadline for the members' partials, ms, scaled per pass by its positions
+   *   (see peer-deadline.ts; needs `model`); absent: the leader waits as long as its members' streams are open
+   */
+  constructor(session: StageSession, stageId: string, options: StageLeaderOptions = {}) {
     this.#session = session
     this.#stageId = stageId
+    this.#deadline = options.peerDeadlineMs !== undefined && options.model ? { baseMs: options.peerDeadlineMs, model: options.model } : null
   }
 
   get allreduce(): Allreduce {
-    return this.#hub ?? LOCAL_ALLREDUCE
+    return this.#allreduce
   }
 
   /**
@@ -153,12 +170,22 @@ export class StageLeader implements StageRole {
       throw failed.reason
     }
     this.#members = ok
-    if (ok.length > 0) this.#hub = new StarAllreduceHub(ok.map((m) => (tracer ? tracedLink(m.channel, tracer) : m.channel)))
+    if (ok.length > 0) {
+      this.#hub = new StarAllreduceHub(ok.map((m) => (tracer ? tracedLink(m.channel, tracer) : m.channel)), this.#deadline ? { deadlineMs: this.#deadline.baseMs } : {})
+      this.#allreduce = this.#hub
+    }
     for (const [i, m] of ok.entries()) void this.#route(i, m.channel, m.address)
     log('stage %s: %d members joined', this.#stageId, ok.length)
   }
 
   async beforeForward(header: ForwardHeader, x: Float32Array): Promise<void> {
+    const hub = this.#hub
+    const deadline = this.#deadline
+    if (hub && deadline) {
+      // A silent member fails the pass with PeerStalledError naming it, after a deadline that grows with the pass.
+      const deadlineMs = stepDeadlineMs(deadline.baseMs, deadline.model, header.seq, header.pos0 + header.seq)
+      this.#allreduce = { allreduce: (tag, partial, opts = {}) => hub.allreduce(tag, partial, { deadlineMs, ...opts }) }
+    }
     const frame = { type: 'forward', step: header.step, pos0: header.pos0, seq: header.seq }
     await Promise.all(this.#links().map((l) => l.send(frame, x)))
   }
@@ -174,6 +201,8 @@ export class StageLeader implements StageRole {
 
   async close(err?: Error): Promise<void> {
     this.#closing = true
+    // A pass waiting for its members' partials ends with `err` (the members' streams end without failing the hub).
+    if (err && this.#members.length > 0) this.#hub?.fail(0, err)
     await Promise.all(
       this.#members.map(async (m) => {
         if (err) {

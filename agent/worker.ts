@@ -18,11 +18,23 @@ import { type EmulatedLink, type MasterMessage, ProtocolError, parseMasterMessag
 import { defaultShardDir, kvCacheBytes } from './shard-encoding.ts'
 import { deviceProfile, serveInfo } from './peer-info.ts'
 import { checkAllreduceFrame, checkForwardFrame, ShardIntake } from './shard-intake.ts'
-import { type ForwardTimings, ShardRunner } from './shard-runner.ts'
+import { allreduceTag, type ForwardTimings, ShardRunner } from './shard-runner.ts'
 import { TraceRecorder, traceReceive, tracedLink, wallClockMs } from './trace.ts'
 import { openShard, ShardFileWriter } from './weight-store.ts'
 
 const log = logger('edgeshard:agent:worker')
+
+/** Errors that name another peer that went away, stalled or failed (a worker reports those and stays). */
+const LOSS_ERRORS: ReadonlySet<string> = new Set(['PeerGoneError', 'PeerStalledError', 'PeerFailedError'])
+
+/** The master gave up on the passes of an epoch (`abort`): they end with this, which is not reported. */
+class SessionAbortedError extends Error {
+  static override name = 'SessionAbortedError'
+  constructor(message: string) {
+    super(message)
+    this.name = 'SessionAbortedError'
+  }
+}
 
 /** Options of a worker agent. */
 export interface WorkerOptions {
@@ -105,7 +117,9 @@ export class WorkerAgent {
     // Tracing (the plan says so): allreduce sends go through a traced link; otherwise straight to the channel.
     let tracer: TraceRecorder | undefined
     let hubLink: AllreduceLink = channel
-    const member = new StarAllreduceMember({ peer: channel.peer, send: (header, body) => hubLink.send(header, body) })
+    const newMember = (): StarAllreduceMember => new StarAllreduceMember({ peer: channel.peer, send: (header, body) => hubLink.send(header, body) })
+    // One allreduce member per epoch: `abort` fails the old one (its passes are stale) and starts a fresh one.
+    let member = newMember()
     let plan: TensorParallelPlan | null = null
     let shardIndex = 0
     let threads = 1
@@ -124,33 +138,53 @@ export class WorkerAgent {
     // Pipeline and hybrid plans: the worker's part in a stage without the master (null: member of the master's stage).
     let stage: StageRole | null = null
     let links: readonly EmulatedLink[] = []
+    // Recovery (issue 8): the master's epoch, the first step of its passes (earlier `forward`/`ar` frames are stale),
+    // and whether a pass failed because of another worker (passes are then dropped until the master's `abort`).
+    let epoch = 0
+    let firstStep = 0
+    let broken = false
+    let peerDeadlineMs: number | undefined
+    let heartbeat: ReturnType<typeof setInterval> | undefined
     const fail = (err: Error): void => {
       if (failure) return
+      // A peer other than the master that caused the failure (a stage member gone) is named for the master.
+      const culprit = (err as { peer?: unknown }).peer
+      if (typeof culprit === 'string' && culprit !== peer && LOSS_ERRORS.has(err.name)) {
+        // Another worker failed us: report it and wait for the master to re-plan (`abort`) rather than end the session.
+        if (broken) return
+        broken = true
+        log.error('session with %s: peer %s failed: %s', peer, culprit, err.message)
+        void channel.send({ type: 'error', message: err.message, errorName: err.name, peer: culprit }).catch(() => {})
+        return
+      }
       failure = err
       log.error('session with %s failed: %s', peer, err.message)
       member.fail(err)
       void stage?.close(err)
-      // A peer other than the master that caused the failure (a stage member gone) is named for the master.
-      const culprit = (err as { peer?: unknown }).peer
       void channel
         .send({ type: 'error', message: err.message, errorName: err.name, ...(typeof culprit === 'string' && culprit !== peer ? { peer: culprit } : {}) })
         .catch(() => {})
         .finally(() => channel.close().catch(() => {}))
     }
     const queueForward = (header: ForwardHeader, x: Float32Array): void => {
+      if (broken || header.step < firstStep) return // a stale pass, or one the master will abort
       const r = runner
       if (!r) throw new RangeError('forward before the shard was loaded')
       if (x.length !== header.seq * r.plan.model.dim) {
         throw new RangeError(`forward of ${header.seq} positions needs ${header.seq * r.plan.model.dim} values, got ${x.length}`)
       }
       const role = stage
+      const at = epoch
       work = work.then(async () => {
         await role?.beforeForward(header, x)
         await r.forward(x, header.pos0, header.step, role?.allreduce ?? member, timings, tracer)
         forwards++
         await role?.afterForward(header, x)
       })
-      work.catch((err: unknown) => fail(err as Error))
+      // A pass of an aborted epoch failed because the master gave up on it: not an error of this session.
+      work.catch((err: unknown) => {
+        if (at === epoch) fail(err as Error)
+      })
     }
     const queueReset = (): void => {
       const r = runner
@@ -160,12 +194,61 @@ export class WorkerAgent {
         r?.reset()
       })
     }
+    /** `abort`: drop the passes in flight; keep the shard (KV cache emptied), or drop it and the stage role. */
+    const abort = async (next: { epoch: number; step: number; keep?: boolean }): Promise<void> => {
+      const reason = new SessionAbortedError(`master ${peer} aborted epoch ${epoch} for epoch ${next.epoch}`)
+      epoch = next.epoch
+      firstStep = next.step
+      broken = false
+      const old = member
+      member = newMember()
+      old.fail(reason)
+      const role = next.keep ? null : stage
+      if (!next.keep) stage = null
+      await role?.close(reason)
+      await work.catch(() => {})
+      work = Promise.resolve()
+      if (next.keep && runner) {
+        // A pass cut short left some layers' caches longer than others: start the sequence again.
+        runner.reset()
+        await channel.send({ type: 'aborted', epoch })
+        return
+      }
+      if (writer) await writer.finish().catch(() => {})
+      writer = null
+      intake = null
+      layers = []
+      received = 0
+      await runner?.release()
+      runner = null
+      await channel.send({ type: 'aborted', epoch })
+    }
+    /** A heartbeat: `ping` whenever nothing else left for `intervalMs` (the master tells silence from a long pass). */
+    const startHeartbeat = (intervalMs: number): void => {
+      clearInterval(heartbeat)
+      let sent = channel.bytesSent
+      let changedAt = performance.now()
+      heartbeat = setInterval(() => {
+        const now = performance.now()
+        if (channel.bytesSent !== sent) {
+          sent = channel.bytesSent
+          changedAt = now
+        } else if (now - changedAt >= intervalMs) {
+          changedAt = now
+          void channel.send({ type: 'ping' }).catch(() => {})
+        }
+      }, intervalMs / 4)
+      heartbeat.unref()
+    }
     const session = (): StageSession => ({ node: this.#node, master: channel, tracer, queueForward, queueReset, fail })
     try {
       for await (const frame of channel) {
         if (failure) break
         if (tracer) traceReceive(tracer, frame.header, frame.body.byteLength, peer)
         if (frame.header.type === 'ar') {
+          // Sums of an aborted epoch's passes may still arrive: their tags are below the first step's.
+          const tag = frame.header.tag
+          if (plan && firstStep > 0 && typeof tag === 'number' && tag >= 0 && tag < allreduceTag(firstStep, plan.model.nLayers, 0, 0)) continue
           checkAllreduceFrame(frame, runner?.plan)
           member.deliver(frame)
           continue
@@ -189,11 +272,13 @@ export class WorkerAgent {
             await stage?.close()
             stage =
               msg.role === 'leader'
-                ? new StageLeader(session(), msg.stageId!)
+                ? new StageLeader(session(), msg.stageId!, peerDeadlineMs === undefined ? {} : { peerDeadlineMs, model: msg.plan.model })
                 : msg.role === 'stage-member'
                   ? new StageMember(session(), this.#stages, msg.stageId!, shardIndex)
                   : null
             links = msg.links ?? []
+            peerDeadlineMs = msg.peerDeadlineMs
+            if (msg.heartbeatMs !== undefined) startHeartbeat(msg.heartbeatMs)
             if (this.#options.memoryBudgetBytes !== undefined) {
               shardDir = join(this.#options.shardDir ?? defaultShardDir('worker'), `shard-${shardIndex}`)
               writer = await ShardFileWriter.create(shardDir)
@@ -245,9 +330,15 @@ export class WorkerAgent {
             break
           }
           case 'forward':
+            if (msg.step < firstStep || broken) break // a pass of an aborted epoch, or one the master will abort
             if (stage instanceof StageMember) throw new RangeError('forward from the master to a stage member: passes come from its leader')
             checkForwardFrame(msg, frame.body.byteLength, runner?.plan)
             queueForward(msg, f32Body(frame))
+            break
+          case 'abort':
+            if (msg.epoch <= epoch) throw new ProtocolError(`frame abort: epoch ${msg.epoch} does not follow epoch ${epoch}`)
+            if (msg.step < firstStep) throw new ProtocolError(`frame abort: step ${msg.step} is before step ${firstStep}`)
+            await abort(msg)
             break
           case 'reset':
             queueReset()
@@ -281,6 +372,7 @@ export class WorkerAgent {
     } catch (err) {
       fail(err as Error)
     } finally {
+      clearInterval(heartbeat)
       member.fail(failure ?? new Error(`master ${peer} ended the session`))
       await work.catch(() => {})
       await stage?.close(failure)

@@ -12,7 +12,7 @@ export {
   readGguf,
   readGgufMetadata,
 } from './formats/gguf.ts'
-export { readTensorBytes, readTensorF32 } from './formats/read-tensor.ts'
+export { readTensorBytes, readTensorF32, readTensorRange } from './formats/read-tensor.ts'
 export {
   MAX_SAFETENSORS_HEADER_BYTES,
   readSafetensorsHeader,
@@ -84,7 +84,7 @@ export {
   toLinearWeight,
   type WeightSource,
 } from './slice.ts'
-export { ggmlToNBits, type NBitsWeight, nbitsColumns, nbitsRowF32, nbitsRows } from './quant/matmul-nbits.ts'
+export { ggmlColumnsToNBits, ggmlToNBits, type NBitsWeight, nbitsColumns, nbitsRowF32, nbitsRows } from './quant/matmul-nbits.ts'
 export {
   buildAttentionBlock,
   buildFfnBlock,

@@ -116,6 +116,13 @@ export interface WeightSource {
   vector(name: string): Float32Array
   /** A 2-D tensor [out, in] as a linear weight. */
   linear(name: string): LinearWeight
+  /**
+   * Optional: output features `[start, start+count)` of a 2-D tensor, read and converted alone (equal to
+   * `linearRows(linear(name), start, count)`); lets one shard cost only its share.
+   */
+  linearRows?(name: string, start: number, count: number): LinearWeight
+  /** Optional: input features `[start, start+count)` of a 2-D tensor (equal to `linearColumns(linear(name), ...)`). */
+  linearColumns?(name: string, start: number, count: number): LinearWeight
 }
 
 /**
@@ -138,16 +145,31 @@ export function sliceLayerShard(model: PlanModelShape, shard: ShardSpec, layer: 
     if (w.rows !== rows || w.cols !== cols) throw new RangeError(`cannot slice ${name}: ${w.rows}×${w.cols}, expected ${rows}×${cols}`)
     return w
   }
+  // Through the source's ranged reads when it has them (the result must have the shape the full cut would).
+  const rowsOf = (suffix: string, rows: number, cols: number, start: number, count: number): LinearWeight => {
+    if (!source.linearRows) return linearRows(lin(suffix, rows, cols), start, count)
+    const name = `blk.${layer}.${suffix}`
+    const w = source.linearRows(name, start, count)
+    if (w.rows !== count || w.cols !== cols) throw new RangeError(`cannot slice ${name}: rows ${start}..${start + count} came as ${w.rows}×${w.cols}, expected ${count}×${cols}`)
+    return w
+  }
+  const columnsOf = (suffix: string, rows: number, cols: number, start: number, count: number): LinearWeight => {
+    if (!source.linearColumns) return linearColumns(lin(suffix, rows, cols), start, count)
+    const name = `blk.${layer}.${suffix}`
+    const w = source.linearColumns(name, start, count)
+    if (w.rows !== rows || w.cols !== count) throw new RangeError(`cannot slice ${name}: columns ${start}..${start + count} came as ${w.rows}×${w.cols}, expected ${rows}×${count}`)
+    return w
+  }
   let attention: AttentionShardWeights | null = null
   if (shard.kvHeads.count > 0) {
     const q = { start: shard.heads.start * headDim, count: shard.heads.count * headDim }
     const kv = { start: shard.kvHeads.start * headDim, count: shard.kvHeads.count * headDim }
     attention = {
       attn_norm: vec('attn_norm.weight', dim),
-      wq: linearRows(lin('attn_q.weight', nHeads * headDim, dim), q.start, q.count),
-      wk: linearRows(lin('attn_k.weight', nKvHeads * headDim, dim), kv.start, kv.count),
-      wv: linearRows(lin('attn_v.weight', nKvHeads * headDim, dim), kv.start, kv.count),
-      wo: linearColumns(lin('attn_output.weight', dim, nHeads * headDim), q.start, q.count),
+      wq: rowsOf('attn_q.weight', nHeads * headDim, dim, q.start, q.count),
+      wk: rowsOf('attn_k.weight', nKvHeads * headDim, dim, kv.start, kv.count),
+      wv: rowsOf('attn_v.weight', nKvHeads * headDim, dim, kv.start, kv.count),
+      wo: columnsOf('attn_output.weight', dim, nHeads * headDim, q.start, q.count),
       bias: model.qkvBias
         ? {
             bq: vec('attn_q.bias', nHeads * headDim).subarray(q.start, q.start + q.count),
@@ -162,9 +184,9 @@ export function sliceLayerShard(model: PlanModelShape, shard: ShardSpec, layer: 
     const { start, count } = shard.ffnColumns
     ffn = {
       ffn_norm: vec('ffn_norm.weight', dim),
-      w1: linearRows(lin('ffn_gate.weight', hiddenDim, dim), start, count),
-      w3: linearRows(lin('ffn_up.weight', hiddenDim, dim), start, count),
-      w2: linearColumns(lin('ffn_down.weight', dim, hiddenDim), start, count),
+      w1: rowsOf('ffn_gate.weight', hiddenDim, dim, start, count),
+      w3: rowsOf('ffn_up.weight', hiddenDim, dim, start, count),
+      w2: columnsOf('ffn_down.weight', dim, hiddenDim, start, count),
     }
   }
   return { attention, ffn }

@@ -8,10 +8,11 @@ import { fileURLToPath } from 'node:url'
 import { type Command, Option } from 'commander'
 import { type ClusterPlan, loadModel, type ModelDescription } from '../../splitter/index.ts'
 import type { LinkEmulation } from '../../transport/index.ts'
-import { Cluster } from '../cluster.ts'
+import { Cluster, type RecoveryReport } from '../cluster.ts'
 import { type DiscoverOptions, discoverAgents } from '../discovery.ts'
 import { DiscoveryError, UsageError } from '../errors.ts'
 import { type LocalWorkers, pinToCore, spawnLocalWorkers } from '../local-workers.ts'
+import { DEFAULT_PEER_DEADLINE_MS } from '../peer-deadline.ts'
 import type { AgentProbe } from '../peer-info.ts'
 import { loadTokenizer, type MasterTokenizer } from '../tokenizer/load-tokenizer.ts'
 import { byteSize, collect, wholeNumber } from './arguments.ts'
@@ -49,6 +50,12 @@ export interface ClusterFlags extends SecurityFlags {
   plan?: string
   /** `--plan-file FILE.json`: a cluster plan (e.g. from `edgeshard plan`). */
   planFile?: string
+  /** `--peer-deadline MS`: base deadline of a silent worker (see peer-deadline.ts). */
+  peerDeadline?: number
+  /** false with `--no-recover`: fail on the first lost worker instead of re-planning. */
+  recover?: boolean
+  /** `--recovery adopt|even`: how a lost worker is replaced (see ClusterOptions.recovery). */
+  recovery?: 'adopt' | 'even'
 }
 
 /** What `edgeshard emulate` changes in a cluster's start (see emulate.ts); `run` and `serve` use the defaults. */
@@ -98,6 +105,40 @@ export function addClusterOptions(command: Command): Command {
     .option('--trace <file>', 'write Chrome trace events of every peer (compute, allreduce, I/O, network, tokens) to this JSON file on exit')
     .option('--plan <plan>', PLAN_HELP)
     .option('--plan-file <file>', 'execute this cluster plan (JSON, e.g. from `edgeshard plan --json`)')
+    .addOption(
+      new Option('--peer-deadline <ms>', 'a worker silent this long (plus an allowance for long prompts) is treated as lost')
+        .argParser(wholeNumber(1))
+        .default(DEFAULT_PEER_DEADLINE_MS),
+    )
+    .option('--no-recover', 'fail when a worker is lost instead of re-planning over the others and carrying on')
+    .addOption(
+      new Option('--recovery <mode>', 'replace a lost worker: adopt (the master takes over its shard from the model file) or even (re-plan evenly, re-send every shard)')
+        .choices(['adopt', 'even'])
+        .default('adopt'),
+    )
+}
+
+/**
+ * The one line the CLI prints after a recovery, e.g. `worker 2 (peer 12D3…) lost (stalled 1012 ms): re-planned over
+ * 2 peers, KV rebuilt for 37 positions in 81 ms (recovery 450 ms: detect 5, abort 3, re-plan 1, re-shard 280, rebuild 81)`
+ * or, when the master took the shard over, `…: the master took over shard 2 (3 peers left), KV rebuilt …`.
+ */
+export function describeRecovery(r: RecoveryReport): string {
+  const ms = (v: number): string => v.toFixed(0)
+  const lost = r.lost
+    .map((w) => `worker ${w.device} (peer ${w.peer}) lost (${w.kind === 'stalled' ? `stalled ${ms(w.silentMs)} ms` : 'went away'})`)
+    .join(', ')
+  const adopted = r.lost.length === 1 ? 'its shard' : 'their shards'
+  const where =
+    r.strategy === 'adopt'
+      ? `the master took over ${adopted} (${r.peers > 1 ? `${r.peers} peers left` : 'it continues alone'}; it runs shards ${r.masterShards.join(', ')})`
+      : r.peers > 1
+        ? `re-planned over ${r.peers} peers`
+        : 'the master continues alone'
+  return (
+    `${lost}: ${where}, KV rebuilt for ${r.positions} positions in ${ms(r.rebuildMs)} ms ` +
+    `(recovery ${ms(r.totalMs)} ms: detect ${ms(r.detectMs)}, abort ${ms(r.abortMs)}, re-plan ${ms(r.replanMs)}, re-shard ${ms(r.reshardMs)}, rebuild ${ms(r.rebuildMs)})`
+  )
 }
 
 /** A running cluster with what the master needs to generate. */
@@ -181,6 +222,16 @@ export async function startCluster(flags: ClusterFlags, setup: ClusterSetup = {}
       plan,
       ...(setup.links ? { links: setup.links } : {}),
       onLayerDistributed: (layer, layers) => progress.layerDistributed(layer, layers),
+      ...(flags.peerDeadline !== undefined ? { peerDeadlineMs: flags.peerDeadline } : {}),
+      recover: flags.recover ?? true,
+      ...(flags.recovery ? { recovery: flags.recovery } : {}),
+      // A lost local worker is ours: kill it (stalled or not) so nothing is left behind. Remote agents are not ours.
+      onWorkerLost: (index) => {
+        const child = local?.processes[index - 1]
+        if (child && child.exitCode === null && child.signalCode === null) child.kill('SIGKILL')
+      },
+      // One line, even with --quiet: the run goes on, but the user should know a device dropped out.
+      onRecovered: (report) => process.stderr.write(`edgeshard: ${describeRecovery(report)}\n`),
       onWorkerReady: (index, peer) => {
         const pid = local?.processes[index - 1]?.pid
         progress.workerReady(`worker ${index} ready: peer ${peer} at ${addresses[index - 1]}${pid ? ` (pid ${pid})` : ''}`)

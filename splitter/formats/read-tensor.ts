@@ -34,6 +34,27 @@ export function readTensorBytes(model: ModelDescription, name: string): Uint8Arr
 }
 
 /**
+ * Bytes `[start, start + length)` of tensor `name`'s raw bytes (e.g. a range of rows of a row-major tensor), read
+ * alone, in a fresh buffer.
+ * Errors: as `readTensorBytes`; RangeError when the range is outside the tensor.
+ */
+export function readTensorRange(model: ModelDescription, name: string, start: number, length: number): Uint8Array {
+  const ref = tensorRef(model, name)
+  if (!Number.isInteger(start) || !Number.isInteger(length) || start < 0 || length < 0 || start + length > ref.byteLength) {
+    throw new RangeError(`cannot read bytes ${start}..${start + length} of tensor ${name} (${ref.byteLength} bytes)`)
+  }
+  const file = ref.file ?? model.path
+  return withModelFile(file, ({ fd }) => {
+    const bytes = new Uint8Array(length)
+    const got = readFully(fd, bytes, length, ref.offsetBytes + start)
+    if (got !== length) {
+      throw new ModelFormatError(file, `tensor ${name} needs bytes ${start}..${start + length} at offset ${ref.offsetBytes}, the file ends after ${got}`)
+    }
+    return bytes
+  })
+}
+
+/**
  * Tensor `name` as f32 values, row-major in its `shape` (e.g. `[out, in]` for a linear weight): f16 and bf16 are
  * widened exactly; q8_0 blocks give q·d and q4_0 blocks (nibble − 8)·d, d the block's f16 scale (ggml
  * `dequantize_row_q8_0` / `dequantize_row_q4_0`, via splitter/quant/ggml-blocks.ts).

@@ -65,6 +65,30 @@ export function ggmlToNBits(dtype: 'q4_0' | 'q8_0', bytes: Uint8Array, rows: num
 }
 
 /**
+ * Input features (columns) `[start, start+count)` of a ggml-blocked [rows, cols] tensor, re-laid out for MatMulNBits:
+ * the same as `nbitsColumns(ggmlToNBits(...), start, count)` but converting only the blocks it keeps (one peer's
+ * share costs its share of the work, not the whole tensor's).
+ * @throws RangeError when cols, start or count is not a multiple of 32, the range is outside the tensor, or the byte
+ *   count does not match.
+ */
+export function ggmlColumnsToNBits(dtype: 'q4_0' | 'q8_0', bytes: Uint8Array, rows: number, cols: number, start: number, count: number): NBitsWeight {
+  if (cols % BLOCK !== 0 || start % BLOCK !== 0 || count % BLOCK !== 0) {
+    throw new RangeError(`cannot cut columns ${start}..${start + count} of a ${dtype} tensor of ${cols} columns: not on a ${BLOCK}-column block boundary`)
+  }
+  if (start < 0 || start + count > cols) throw new RangeError(`cannot take columns ${start}..${start + count} of a ${cols}-column tensor`)
+  const blockBytes = GGML_BLOCK_BYTES[dtype]
+  const perRow = cols / BLOCK
+  if (bytes.byteLength !== rows * perRow * blockBytes) {
+    throw new RangeError(`cannot lay out ${rows}×${cols} ${dtype}: ${bytes.byteLength} bytes, expected ${rows * perRow * blockBytes}`)
+  }
+  const b0 = start / BLOCK
+  const nb = count / BLOCK
+  const kept = new Uint8Array(rows * nb * blockBytes) // ggml blocks of the kept columns, row-major
+  for (let r = 0; r < rows; r++) kept.set(bytes.subarray((r * perRow + b0) * blockBytes, (r * perRow + b0 + nb) * blockBytes), r * nb * blockBytes)
+  return ggmlToNBits(dtype, kept, rows, count)
+}
+
+/**
  * Rows `[start, start+count)` of an NBits weight: zero-copy views.
  * @throws RangeError outside the weight.
  */

@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest'
 import { dequantizeQ4_0, dequantizeQ8_0, quantizeQ4_0, quantizeQ8_0 } from '../../splitter/quant/ggml-blocks.ts'
-import { buildFfnBlock, ggmlToNBits, linearColumns, linearRows, nbitsRowF32, toLinearWeight } from '../../splitter/index.ts'
+import { buildFfnBlock, ggmlColumnsToNBits, ggmlToNBits, linearColumns, linearRows, nbitsColumns, nbitsRowF32, toLinearWeight } from '../../splitter/index.ts'
 import type { LinearWeight } from '../../splitter/index.ts'
 import { Session } from '../../agent/runtime.ts'
 import { linearFeeds } from '../../agent/shard-runner.ts'
@@ -87,5 +87,21 @@ describe.each([
     const expected = dequantize(bytes, rows * DIM)
     const w = ggmlToNBits(dtype, bytes, rows, DIM)
     for (let r = 0; r < rows; r++) expect([...nbitsRowF32(w, r)]).toEqual([...expected.subarray(r * DIM, (r + 1) * DIM)])
+  })
+})
+
+describe('ggmlColumnsToNBits', () => {
+  it('converts only the kept column blocks, equal to cutting the whole re-laid-out tensor', () => {
+    const rand = seeded(21)
+    const rows = 5
+    const cols = 128 // 4 blocks
+    for (const [dtype, quantize] of [['q4_0', quantizeQ4_0], ['q8_0', quantizeQ8_0]] as const) {
+      const bytes = quantize(Float32Array.from({ length: rows * cols }, () => rand()))
+      for (const [start, count] of [[0, 32], [32, 64], [96, 32], [0, 128]] as const) {
+        expect(ggmlColumnsToNBits(dtype, bytes, rows, cols, start, count)).toEqual(nbitsColumns(ggmlToNBits(dtype, bytes, rows, cols), start, count))
+      }
+      expect(() => ggmlColumnsToNBits(dtype, bytes, rows, cols, 16, 32)).toThrow(/block boundary/)
+      expect(() => ggmlColumnsToNBits(dtype, bytes, rows, cols, 96, 64)).toThrow(RangeError)
+    }
   })
 })

@@ -121,14 +121,14 @@ describe.skipIf(!HAVE_MODELS)('pipeline and hybrid plans (real processes over li
     }
   }, 60_000)
 
-  it('a stage member killed mid-generation fails the run within 10 s naming it, leaving no process behind', async () => {
+  it('with --no-recover, a stage member killed mid-generation fails the run within 10 s naming it, leaving no process behind', async () => {
     let masterPid = 0
     let killedAt = 0
     let killedPid = 0
     let workers: number[] = []
     let stderr = ''
     const result = await runCli(
-      ['run', '--model', MODEL, '--peers', '4', '--plan', '0+1:2,2+3:3', '--max-tokens', '400', '--temperature', '0.8', '--seed', '7'],
+      ['run', '--model', MODEL, '--peers', '4', '--plan', '0+1:2,2+3:3', '--max-tokens', '400', '--temperature', '0.8', '--seed', '7', '--no-recover'],
       {
         timeoutMs: 60_000,
         onSpawn: (child) => {

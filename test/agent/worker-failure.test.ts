@@ -11,7 +11,7 @@ async function waitFor(check: () => boolean, timeoutMs: number): Promise<boolean
   return check()
 }
 
-describe.skipIf(!HAVE_MODELS)('a worker killed mid-generation', () => {
+describe.skipIf(!HAVE_MODELS)('a worker killed mid-generation with --no-recover', () => {
   it('makes the master exit non-zero within 10 s naming that peer, and leaves no process behind', async () => {
     let masterPid = 0
     let killedAt = 0
@@ -19,7 +19,7 @@ describe.skipIf(!HAVE_MODELS)('a worker killed mid-generation', () => {
     let workers: number[] = []
     let stderr = ''
     const result = await runCli(
-      ['run', '--model', join(MODELS_DIR, 'stories260K.bin'), '--peers', '3', '--max-tokens', '400', '--temperature', '0.8', '--seed', '7'],
+      ['run', '--model', join(MODELS_DIR, 'stories260K.bin'), '--peers', '3', '--max-tokens', '400', '--temperature', '0.8', '--seed', '7', '--no-recover'],
       {
         timeoutMs: 60_000,
         onSpawn: (child) => {

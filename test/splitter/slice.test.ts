@@ -49,6 +49,31 @@ describe('sliceLayerShard', () => {
     expect(values(w.ffn!.w2)).toEqual([3, 4, 5, 9, 10, 11, 15, 16, 17, 21, 22, 23]) // columns 3..5 of [4,6]
   })
 
+  it('reads through a source\'s ranged reads when it has them, with the same result', () => {
+    const plan = planTensorParallel(config, 2)
+    const asked: string[] = []
+    const ranged: WeightSource = {
+      ...source,
+      linear: () => {
+        throw new Error('the full tensor is not needed')
+      },
+      linearRows: (name, start, count) => {
+        asked.push(`${name} rows ${start}+${count}`)
+        const full = source.linear(name)
+        return { bits: 32, rows: count, cols: full.cols, data: sliceRows((full as { data: Float32Array }).data, full.cols, start, count) }
+      },
+      linearColumns: (name, start, count) => {
+        asked.push(`${name} columns ${start}+${count}`)
+        const full = source.linear(name)
+        return { bits: 32, rows: full.rows, cols: count, data: sliceColumns((full as { data: Float32Array }).data, full.cols, start, count) }
+      },
+    }
+    expect(sliceLayerShard(plan.model, plan.shards[1]!, 0, ranged)).toEqual(sliceLayerShard(plan.model, plan.shards[1]!, 0, source))
+    expect(asked).toContain('blk.0.ffn_down.weight columns 3+3')
+    const wrong: WeightSource = { ...ranged, linearRows: (name) => source.linear(name) }
+    expect(() => sliceLayerShard(plan.model, plan.shards[1]!, 0, wrong)).toThrow(/rows 2\.\.4 came as 4×4, expected 2×4/)
+  })
+
   it('refuses a tensor of the wrong size', () => {
     const plan = planTensorParallel(config, 1)
     const bad: WeightSource = { vector: () => new Float32Array(3), linear: source.linear }
