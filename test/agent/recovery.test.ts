@@ -9,7 +9,7 @@ import { mkdtempSync, readFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { afterAll, describe, expect, it } from 'vitest'
-import { childPids, HAVE_MODELS, MODELS_DIR, processAlive, type RunningAgent, referenceCases, runCli, startAgent } from '../support/cli.ts'
+import { childPids, HAVE_MODELS, MODELS_DIR, processAlive, type RunningAgent, referenceCases, runCli, startAgent, waitFor } from '../support/cli.ts'
 import { seededRandom } from '../support/random.ts'
 
 const cases = referenceCases()
@@ -45,15 +45,6 @@ interface FaultRun {
   readonly faults: { pid: number; peer: string; atBytes: number }[]
   /** Every worker process the master started. */
   readonly workers: number[]
-}
-
-async function waitFor(check: () => boolean, timeoutMs: number): Promise<boolean> {
-  const end = Date.now() + timeoutMs
-  while (Date.now() < end) {
-    if (check()) return true
-    await new Promise((r) => setTimeout(r, 50))
-  }
-  return check()
 }
 
 /** Generates reference case `index` on `peers` local peers, injecting `faults` in order. */

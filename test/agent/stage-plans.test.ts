@@ -7,7 +7,7 @@ import { existsSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { describe, expect, it } from 'vitest'
-import { childPids, HAVE_MODELS, MODELS_DIR, processAlive, referenceCases, runCli } from '../support/cli.ts'
+import { HAVE_MODELS, MODELS_DIR, processAlive, referenceCases, runCli, runKillingWorker, waitFor } from '../support/cli.ts'
 
 const cases = referenceCases()
 const dir = mkdtempSync(join(tmpdir(), 'edgeshard-stages-'))
@@ -122,34 +122,11 @@ describe.skipIf(!HAVE_MODELS)('pipeline and hybrid plans (real processes over li
   }, 60_000)
 
   it('with --no-recover, a stage member killed mid-generation fails the run within 10 s naming it, leaving no process behind', async () => {
-    let masterPid = 0
-    let killedAt = 0
-    let killedPid = 0
-    let workers: number[] = []
-    let stderr = ''
-    const result = await runCli(
+    const { result, killedAt, killedPid, peer, workers } = await runKillingWorker(
       ['run', '--model', MODEL, '--peers', '4', '--plan', '0+1:2,2+3:3', '--max-tokens', '400', '--temperature', '0.8', '--seed', '7', '--no-recover'],
-      {
-        timeoutMs: 60_000,
-        onSpawn: (child) => {
-          masterPid = child.pid!
-          child.stderr!.on('data', (b: Buffer) => {
-            stderr += b.toString()
-          })
-          child.stdout!.on('data', () => {
-            if (killedAt !== 0) return
-            const match = /worker 3 ready: peer (\S+) at \S+ \(pid (\d+)\)/.exec(stderr)
-            if (!match) return
-            workers = childPids(masterPid)
-            killedPid = Number(match[2])
-            killedAt = Date.now()
-            process.kill(killedPid, 'SIGKILL')
-          })
-        },
-      },
+      3,
     )
     expect(killedAt).toBeGreaterThan(0)
-    const peer = /worker 3 ready: peer (\S+)/.exec(stderr)![1]!
     expect(result.code).toBe(1)
     expect(Date.now() - killedAt).toBeLessThan(10_000)
     const last = result.stderr.trimEnd().split('\n').at(-1)!
@@ -157,8 +134,6 @@ describe.skipIf(!HAVE_MODELS)('pipeline and hybrid plans (real processes over li
     expect(last).toContain(peer)
     expect(result.stderr).not.toMatch(/\n\s+at /)
     expect(workers).toContain(killedPid)
-    const deadline = Date.now() + 5_000
-    while (Date.now() < deadline && workers.some((pid) => processAlive(pid))) await new Promise((r) => setTimeout(r, 50))
-    expect(workers.every((pid) => !processAlive(pid))).toBe(true)
+    expect(await waitFor(() => workers.every((pid) => !processAlive(pid)), 5_000)).toBe(true)
   }, 60_000)
 })

@@ -72,6 +72,58 @@ export function childPids(pid: number): number[] {
   }
 }
 
+/** Polls `check` every 50 ms until it holds or `timeoutMs` passes; returns its last value. */
+export async function waitFor(check: () => boolean, timeoutMs: number): Promise<boolean> {
+  const end = Date.now() + timeoutMs
+  while (Date.now() < end) {
+    if (check()) return true
+    await new Promise((r) => setTimeout(r, 50))
+  }
+  return check()
+}
+
+/** What {@link runKillingWorker} saw: the run, the killed worker, and every worker process the master had. */
+export interface KilledWorkerRun {
+  readonly result: CliResult
+  readonly killedAt: number
+  readonly killedPid: number
+  /** Peer id of the killed worker (from its `worker N ready` line). */
+  readonly peer: string
+  readonly workers: readonly number[]
+}
+
+/**
+ * Runs `edgeshard ...args` with local workers and SIGKILLs local worker `worker` as soon as the first text is out
+ * (generation under way), finding its pid and peer id in the master's `worker N ready` status line.
+ */
+export async function runKillingWorker(args: readonly string[], worker: number, timeoutMs = 60_000): Promise<KilledWorkerRun> {
+  let masterPid = 0
+  let killedAt = 0
+  let killedPid = 0
+  let workers: number[] = []
+  let stderr = ''
+  const ready = new RegExp(`worker ${worker} ready: peer (\\S+) at \\S+ \\(pid (\\d+)\\)`)
+  const result = await runCli(args, {
+    timeoutMs,
+    onSpawn: (child) => {
+      masterPid = child.pid!
+      child.stderr!.on('data', (b: Buffer) => {
+        stderr += b.toString()
+      })
+      child.stdout!.on('data', () => {
+        if (killedAt !== 0) return
+        const match = ready.exec(stderr)
+        if (!match) return
+        workers = childPids(masterPid)
+        killedPid = Number(match[2])
+        killedAt = Date.now()
+        process.kill(killedPid, 'SIGKILL')
+      })
+    },
+  })
+  return { result, killedAt, killedPid, peer: ready.exec(stderr)?.[1] ?? '', workers }
+}
+
 /** A running `edgeshard agent` process (a worker that outlives its masters). */
 export interface RunningAgent {
   readonly address: string
