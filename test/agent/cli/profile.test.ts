@@ -15,7 +15,7 @@ describe('edgeshard profile', () => {
     expect(first.stderr).toBe('')
     expect(first.code).toBe(0)
     const measured = JSON.parse(first.stdout.toString('utf8')) as MeasuredProfile & { cached: boolean; cachePath: string }
-    expect(measured).toMatchObject({ version: 1, key: profileCacheKey(), cached: false, cachePath: cache })
+    expect(measured).toMatchObject({ version: 2, key: profileCacheKey(), cached: false, cachePath: cache })
     const c = measured.capabilities
     for (const value of [c.memoryBytes, c.cores, c.decodeGBs, c.decodeNBitsGBs!, c.prefillGflops, c.diskReadMBs]) {
       expect(Number.isFinite(value) && value > 0).toBe(true)
@@ -38,11 +38,11 @@ describe('edgeshard profile', () => {
 
   it('keeps other hosts in the cache file and ignores malformed entries', () => {
     const cache = join(dir, 'shared.json')
-    const other = { version: 1, key: 'other|8|unlimited', measuredAt: 'x', capabilities: {}, details: {} }
-    writeFileSync(cache, JSON.stringify({ version: 1, profiles: { [other.key]: other } }))
+    const other = { version: 2, key: 'other|8|unlimited', measuredAt: 'x', capabilities: {}, details: {} }
+    writeFileSync(cache, JSON.stringify({ version: 2, profiles: { [other.key]: other } }))
     expect(readCachedProfile(cache)).toBeUndefined()
     const mine = {
-      version: 1,
+      version: 2,
       key: profileCacheKey(),
       measuredAt: '2026-01-01T00:00:00.000Z',
       capabilities: { memoryBytes: 1e9, cores: 2, decodeGBs: 10, prefillGflops: 50, diskReadMBs: 500 },
