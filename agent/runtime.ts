@@ -1,3 +1,5 @@
+// Must stay first: sets the environment onnxruntime-node reads as it loads.
+import './ort-environment.ts'
 import ort from 'onnxruntime-node'
 import { RuntimeError } from './errors.ts'
 

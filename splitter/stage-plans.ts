@@ -100,7 +100,7 @@ export function hybridClusterPlan(config: LlamaConfig, nDevices: number, options
 export function parseStageLayout(text: string): StageLayout[] {
   return text.split(',').map((part) => {
     const m = /^\s*(\d+(?:\s*\+\s*\d+)*)\s*:\s*(\d+)\s*$/.exec(part)
-    if (!m) throw new RangeError(`invalid stage '${part}' in plan '${text}': expected DEVICE[+DEVICE...]:LAYERS, e.g. 0+1:2,2+3:3`)
+    if (!m) throw new RangeError(`invalid plan '${text}': expected tp, pipeline, hybrid, auto or stages DEVICE[+DEVICE...]:LAYERS such as 0+1:2,2+3:3 (stage '${part}')`)
     return { devices: m[1]!.split('+').map((d) => Number(d.trim())), layers: Number(m[2]) }
   })
 }

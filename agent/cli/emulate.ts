@@ -91,6 +91,9 @@ export async function emulate<F extends EmulateFlags>(flags: F, run: (flags: F, 
   if (flags.peers !== undefined || flags.workers !== undefined || flags.discover !== undefined || flags.bootstrap !== undefined) {
     throw new UsageError('emulate takes its devices from --cluster: drop --peers, --workers, --discover and --bootstrap')
   }
+  if (flags.memoryBudget !== undefined) {
+    throw new UsageError("emulate takes memory budgets from --cluster (each device's memoryBudget): drop --memory-budget")
+  }
   const spec = readClusterFile(flags.cluster)
   const status = (line: string): void => {
     if (!flags.quiet) process.stderr.write(`edgeshard: ${line}\n`)

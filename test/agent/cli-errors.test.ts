@@ -52,4 +52,10 @@ describe('edgeshard run refuses bad models with one line and exit code 2', () =>
     expect(r.code).toBe(2)
     expect(r.stderr).toMatch(/--peers.*expected a whole number/)
   })
+
+  it('emulate with --memory-budget (budgets come from the cluster file) or an unknown plan keyword', async () => {
+    const cluster = new URL('../../devices/examples/pi-cluster.json', import.meta.url).pathname
+    await expectInputError(['emulate', '--cluster', cluster, '--memory-budget', '1MB'], /emulate takes memory budgets from --cluster .*drop --memory-budget/)
+    await expectInputError(['run', '--plan', 'fast'], /invalid plan 'fast': expected tp, pipeline, hybrid, auto or stages/)
+  })
 })

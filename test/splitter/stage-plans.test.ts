@@ -63,7 +63,7 @@ describe('stage plans', () => {
       { devices: [0, 1], layers: 2 },
       { devices: [2, 3], layers: 3 },
     ])
-    expect(() => parseStageLayout('0+1:2;2:3')).toThrow(/invalid stage '0\+1:2;2:3'/)
+    expect(() => parseStageLayout('0+1:2;2:3')).toThrow(/invalid plan '0\+1:2;2:3': expected tp, pipeline, hybrid, auto or stages .*\(stage '0\+1:2;2:3'\)/)
     const plan = buildClusterPlan(CONFIG, parseStageLayout('1+2:3,4:2'), 5)
     expect(plan.kind).toBe('hybrid')
     expect(plan.excluded).toEqual([{ device: 3, reason: 'not in the plan' }])
