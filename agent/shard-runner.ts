@@ -1,12 +1,15 @@
 import type { Allreduce } from '../transport/index.ts'
 import {
+  type AttentionKernel,
   type AttentionShardWeights,
+  attentionKernel,
   buildAttentionBlock,
   buildFfnBlock,
   type FfnShardWeights,
   type GraphConstants,
   type LayerShardWeights,
   type LinearWeight,
+  ropeCaches,
   ropeTables,
   type ShardSpec,
   type TensorParallelPlan,
@@ -45,8 +48,10 @@ export class ShardRunner {
   // Per layer: a session with that layer's weights baked in, or one shared session fed the weights as inputs.
   readonly #attention: readonly (Session | null)[]
   readonly #ffn: readonly (Session | null)[]
+  readonly #kernel: AttentionKernel
+  // 'gqa': ropeCaches [maxSeqLen, headDim/2] f32; 'ops': ropeTables [maxSeqLen, headDim] f32
   readonly #rope: { cos: Float32Array; sin: Float32Array }
-  // Per layer: [kvHeads, cachedLen, headDim] f32
+  // Per layer: [1, kvHeads, cachedLen, headDim] f32 ('gqa' kernel) or [kvHeads, cachedLen, headDim] f32 ('ops')
   #pastK: Float32Array[]
   #pastV: Float32Array[]
   #cachedLen = 0
@@ -66,7 +71,8 @@ export class ShardRunner {
     this.#attention = attention
     this.#ffn = ffn
     const m = plan.model
-    this.#rope = ropeTables(m.maxSeqLen, m.headDim, m.ropeTheta, m.ropeStyle)
+    this.#kernel = attentionKernel(m.headDim)
+    this.#rope = this.#kernel === 'gqa' ? ropeCaches(m.maxSeqLen, m.headDim, m.ropeTheta) : ropeTables(m.maxSeqLen, m.headDim, m.ropeTheta, m.ropeStyle)
     this.#pastK = Array.from({ length: m.nLayers }, () => new Float32Array(0))
     this.#pastV = Array.from({ length: m.nLayers }, () => new Float32Array(0))
   }
@@ -183,10 +189,26 @@ export class ShardRunner {
     const hd = m.headDim
     const kvHeads = this.shard.kvHeads.count
     const rows = (t: Float32Array, cols: number): HostTensor => ({ data: t, dims: [t.length / cols, cols] })
-    const cos: HostTensor = { data: this.#rope.cos.subarray(pos0 * hd, total * hd), dims: [seq, hd] }
-    const sin: HostTensor = { data: this.#rope.sin.subarray(pos0 * hd, total * hd), dims: [seq, hd] }
-    const mask = causalMask(seq, pos0)
     const now = performance.now.bind(performance)
+    // Positions of `x` and the shape of the KV cache, as the attention kernel takes them (see buildAttentionBlock).
+    let positions: Record<string, HostTensor>
+    let pastDims: number[]
+    if (this.#kernel === 'gqa') {
+      positions = {
+        seqlens_k: { data: Int32Array.of(total - 1), dims: [1] },
+        total_sequence_length: { data: Int32Array.of(total), dims: [] },
+        cos_cache: { data: this.#rope.cos, dims: [m.maxSeqLen, hd / 2] },
+        sin_cache: { data: this.#rope.sin, dims: [m.maxSeqLen, hd / 2] },
+      }
+      pastDims = [1, kvHeads, pos0, hd]
+    } else {
+      positions = {
+        cos: { data: this.#rope.cos.subarray(pos0 * hd, total * hd), dims: [seq, hd] },
+        sin: { data: this.#rope.sin.subarray(pos0 * hd, total * hd), dims: [seq, hd] },
+        mask: { data: causalMask(seq, pos0), dims: [seq, total] },
+      }
+      pastDims = [kvHeads, pos0, hd]
+    }
 
     const store = this.#store
     const io0 = store?.ioWaitMs ?? 0
@@ -205,11 +227,9 @@ export class ShardRunner {
         const tc = tracer ? now() : 0
         const out = await attention.run({
           x: rows(x, m.dim),
-          cos,
-          sin,
-          mask: { data: mask, dims: [seq, total] },
-          past_k: { data: this.#pastK[layer]!, dims: [kvHeads, pos0, hd] },
-          past_v: { data: this.#pastV[layer]!, dims: [kvHeads, pos0, hd] },
+          ...positions,
+          past_k: { data: this.#pastK[layer]!, dims: pastDims },
+          past_v: { data: this.#pastV[layer]!, dims: pastDims },
           ...weights,
         })
         if (tracer) tracer.span('attention', 'compute', tc, now(), { layer, step })

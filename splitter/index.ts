@@ -86,10 +86,15 @@ export {
 } from './slice.ts'
 export { ggmlColumnsToNBits, ggmlToNBits, type NBitsWeight, nbitsColumns, nbitsRowF32, nbitsRows } from './quant/matmul-nbits.ts'
 export {
+  type AttentionKernel,
+  type AttentionShardShape,
+  attentionKernel,
   buildAttentionBlock,
   buildFfnBlock,
   buildOutputHead,
+  type FfnShardShape,
   type GraphConstants,
+  ropeCaches,
   ropeTables,
   type WeightBits,
 } from './graph/llama-blocks.ts'

@@ -27,6 +27,20 @@ function param(g: GraphBuilder, constants: GraphConstants | undefined, name: str
   return g.constant(name, { type, dims, bytes: new Uint8Array(c.data.buffer, c.data.byteOffset, c.data.byteLength) })
 }
 
+/**
+ * How a graph computes attention. 'gqa': ORT's `com.microsoft.GroupQueryAttention`, one op for RoPE, appending to the
+ * KV cache, the grouped Q·Kᵀ, the causal softmax and the weighted sum of V; ORT's CPU kernel needs a head size that
+ * is a multiple of 8, and rotates inside the op only for multiples of 16 (other sizes rotate Q and K with
+ * `com.microsoft.RotaryEmbedding` first). 'ops': the same arithmetic in about 40 plain ONNX ops, for any head size.
+ * The two agree to float rounding (test/splitter/graph/llama-blocks.test.ts); 'gqa' costs far fewer op dispatches.
+ */
+export type AttentionKernel = 'gqa' | 'ops'
+
+/** The attention kernel graphs use for head size `headDim` (see {@link AttentionKernel}). */
+export function attentionKernel(headDim: number): AttentionKernel {
+  return headDim % 8 === 0 ? 'gqa' : 'ops'
+}
+
 /** Shape of one peer's attention share. */
 export interface AttentionShardShape {
   /** Model width. */
@@ -45,6 +59,8 @@ export interface AttentionShardShape {
   readonly quantizedMatmul?: QuantizedMatmul
   /** Q/K/V biases as inputs `bq` [heads*headDim], `bk` / `bv` [kvHeads*headDim] f32 (Qwen2). */
   readonly qkvBias: boolean
+  /** Attention kernel; default {@link attentionKernel}(headDim). 'gqa' needs a head size that is a multiple of 8. */
+  readonly kernel?: AttentionKernel
 }
 
 /**
@@ -52,23 +68,154 @@ export interface AttentionShardShape {
  *
  * Inputs:
  * - `x` [seq, dim] f32: hidden state entering the layer (full width, replicated on every peer)
- * - `cos`, `sin` [seq, headDim] f32: RoPE tables for the positions of `x` (see {@link ropeTables})
- * - `mask` [seq, total] f32: additive causal mask (0 or -Infinity), total = past + seq
- * - `past_k`, `past_v` [kvHeads, past, headDim] f32: this peer's KV cache
+ * - positions, by kernel (see {@link AttentionKernel}):
+ *   - 'gqa': `seqlens_k` [1] int32 = past + seq − 1 (ORT's convention: the index of the last position),
+ *     `total_sequence_length` [] int32 = past + seq, `cos_cache` / `sin_cache` [maxSeqLen, headDim/2] f32 (the
+ *     whole table, see {@link ropeCaches}); `past_k`, `past_v` [1, kvHeads, past, headDim] f32
+ *   - 'ops': `cos`, `sin` [seq, headDim] f32 (rows of {@link ropeTables} for the positions of `x`), `mask`
+ *     [seq, total] f32 (additive causal mask, 0 or -Infinity); `past_k`, `past_v` [kvHeads, past, headDim] f32
  * - `attn_norm` [dim] f32; linear weights `wq` [heads*headDim, dim], `wk` / `wv` [kvHeads*headDim, dim],
  *   `wo` [dim, heads*headDim], each dense or quantized per `shape.bits` (see `linear`); `bq`, `bk`, `bv` with qkvBias
  *
- * Outputs: `partial` [seq, dim] f32 (this peer's term of `attention(x) @ Wo^T`), `present_k` / `present_v`
- * [kvHeads, total, headDim] f32 (the KV cache with this step appended).
+ * Outputs: `partial` [seq, dim] f32 (this peer's term of `attention(x) @ Wo^T`), `present_k` / `present_v` (the KV
+ * cache with this step appended: [1, kvHeads, total, headDim] for 'gqa', [kvHeads, total, headDim] for 'ops').
+ * @throws RangeError when the heads do not group over the KV heads, the head size is odd, or 'gqa' is asked for a
+ *   head size that is not a multiple of 8
  */
 export function buildAttentionBlock(shape: AttentionShardShape, constants?: GraphConstants): Uint8Array {
-  const { dim, headDim, heads, kvHeads, normEps, ropeStyle, bits } = shape
+  const g = new GraphBuilder('edgeshard_attention')
+  const x = g.input('x', 'float32', ['seq', shape.dim])
+  if ((shape.kernel ?? attentionKernel(shape.headDim)) === 'ops') {
+    checkAttentionShape(shape, 'ops')
+    const out = attentionOps(g, shape, constants, x)
+    g.output(out.partial, 'partial', 'float32', ['seq', shape.dim])
+    g.output(out.presentK, 'present_k', 'float32', [shape.kvHeads, 'total', shape.headDim])
+    g.output(out.presentV, 'present_v', 'float32', [shape.kvHeads, 'total', shape.headDim])
+    return g.toBytes()
+  }
+  checkAttentionShape(shape, 'gqa')
+  const positions = positionInputs(g, shape.headDim)
+  const pastK = g.input('past_k', 'float32', [1, shape.kvHeads, 'past', shape.headDim])
+  const pastV = g.input('past_v', 'float32', [1, shape.kvHeads, 'past', shape.headDim])
+  const xn = rmsNorm(g, x, param(g, constants, 'attn_norm', 'float32', [shape.dim]), shape.normEps)
+  const out = attentionGqa(g, shape, constants, xn, positions, pastK, pastV)
+  g.output(out.partial, 'partial', 'float32', ['seq', shape.dim])
+  g.output(out.presentK, 'present_k', 'float32', [1, shape.kvHeads, 'total', shape.headDim])
+  g.output(out.presentV, 'present_v', 'float32', [1, shape.kvHeads, 'total', shape.headDim])
+  return g.toBytes()
+}
+
+function checkAttentionShape(shape: AttentionShardShape, kernel: AttentionKernel): void {
+  const { headDim, heads, kvHeads } = shape
   if (kvHeads < 1 || heads % kvHeads !== 0) {
     throw new RangeError(`cannot build attention block: ${heads} query heads do not group over ${kvHeads} KV heads`)
   }
   if (headDim % 2 !== 0) throw new RangeError(`cannot build attention block: RoPE needs an even head size, got ${headDim}`)
-  const g = new GraphBuilder('edgeshard_attention')
-  const x = g.input('x', 'float32', ['seq', dim])
+  if (kernel === 'gqa' && headDim % 8 !== 0) {
+    throw new RangeError(`cannot build attention block with GroupQueryAttention: head size ${headDim} is not a multiple of 8`)
+  }
+}
+
+/** Position inputs of the 'gqa' kernel (see {@link buildAttentionBlock}). */
+interface PositionInputs {
+  readonly seqlensK: string
+  readonly total: string
+  readonly cosCache: string
+  readonly sinCache: string
+}
+
+function positionInputs(g: GraphBuilder, headDim: number): PositionInputs {
+  return {
+    seqlensK: g.input('seqlens_k', 'int32', [1]),
+    total: g.input('total_sequence_length', 'int32', []),
+    cosCache: g.input('cos_cache', 'float32', ['max_seq', headDim / 2]),
+    sinCache: g.input('sin_cache', 'float32', ['max_seq', headDim / 2]),
+  }
+}
+
+/**
+ * Q, K and V projections of `xn` [seq, dim], biases added: one tensor [seq, (heads + 2·kvHeads)·headDim] (Q, K and V
+ * side by side) when the weights are baked in one storage (a single matmul over [wq; wk; wv], rows stacked), else
+ * three: [seq, heads·headDim], [seq, kvHeads·headDim] ×2.
+ */
+function projectQkv(g: GraphBuilder, shape: AttentionShardShape, constants: GraphConstants | undefined, xn: string): string[] {
+  const { dim, headDim, heads, kvHeads, bits } = shape
+  const names = ['wq', 'wk', 'wv'] as const
+  const widths = qkvWidths(shape)
+  const bias = (i: number): string => param(g, constants, ['bq', 'bk', 'bv'][i]!, 'float32', [widths[i]!])
+  if (constants?.wq && constants.wk && constants.wv && bits.wq === bits.wk && bits.wq === bits.wv) {
+    const qkvRows = (heads + 2 * kvHeads) * headDim
+    const qkv = linear(g, concatRows(constants, 'wqkv', names, bits.wq), xn, 'wqkv', qkvRows, dim, bits.wq, shape.quantizedMatmul)
+    return [shape.qkvBias ? g.op('Add', [qkv, g.op('Concat', [bias(0), bias(1), bias(2)], { axis: 0 })]) : qkv]
+  }
+  return names.map((name, i) => {
+    const y = linear(g, constants, xn, name, widths[i]!, dim, bits[name], shape.quantizedMatmul)
+    return shape.qkvBias ? g.op('Add', [y, bias(i)]) : y
+  })
+}
+
+/** Widths of Q, K and V: heads·headDim, kvHeads·headDim, kvHeads·headDim. */
+function qkvWidths(shape: AttentionShardShape): [number, number, number] {
+  return [shape.heads * shape.headDim, shape.kvHeads * shape.headDim, shape.kvHeads * shape.headDim]
+}
+
+/** Q, K and V of {@link projectQkv}, split along the last axis when they come side by side. */
+function splitQkv(g: GraphBuilder, shape: AttentionShardShape, qkv: readonly string[]): [string, string, string] {
+  if (qkv.length === 3) return qkv as [string, string, string]
+  return g.node('Split', [qkv[0]!, g.i64('split', qkvWidths(shape))], { attrs: { axis: -1 }, nOutputs: 3 }) as [string, string, string]
+}
+
+/**
+ * The 'gqa' attention of `xn` [seq, dim] (already normalised): returns the partial [seq, dim] and the KV cache
+ * [1, kvHeads, total, headDim] with this step appended.
+ */
+function attentionGqa(
+  g: GraphBuilder,
+  shape: AttentionShardShape,
+  constants: GraphConstants | undefined,
+  xn: string,
+  positions: PositionInputs,
+  pastK: string,
+  pastV: string,
+): { partial: string; presentK: string; presentV: string } {
+  const { headDim, heads, kvHeads } = shape
+  const interleaved = shape.ropeStyle === 'adjacent' ? 1 : 0
+  const batch = (t: string): string => g.op('Unsqueeze', [t, g.i64('axes', [0])]) // [seq, n] -> [1, seq, n]
+  const qkv = projectQkv(g, shape, constants, xn).map(batch)
+  const attrs = { num_heads: heads, kv_num_heads: kvHeads }
+  let outs: string[]
+  if (headDim % 16 === 0) {
+    // Q, K and V packed side by side go in as `query` alone.
+    const { seqlensK, total, cosCache, sinCache } = positions
+    outs = g.node('GroupQueryAttention', [...(qkv.length === 1 ? [qkv[0]!, '', ''] : qkv), pastK, pastV, seqlensK, total, cosCache, sinCache], {
+      attrs: { ...attrs, do_rotary: 1, rotary_interleaved: interleaved },
+      domain: 'com.microsoft',
+      nOutputs: 3,
+    })
+  } else {
+    // RotaryEmbedding with one position id p rotates the rows as positions p, p+1, ...: p = total − seq.
+    const [q, k, v] = splitQkv(g, shape, qkv)
+    const total64 = g.op('Cast', [positions.total], { to: 7 })
+    const pos0 = g.op('Sub', [total64, g.op('Shape', [xn], { start: 0, end: 1 })]) // [1] int64
+    const rotate = (t: string, n: number): string =>
+      g.node('RotaryEmbedding', [t, pos0, positions.cosCache, positions.sinCache], {
+        attrs: { interleaved, num_heads: n },
+        domain: 'com.microsoft',
+      })[0]!
+    outs = g.node('GroupQueryAttention', [rotate(q, heads), rotate(k, kvHeads), v, pastK, pastV, positions.seqlensK, positions.total], {
+      attrs,
+      domain: 'com.microsoft',
+      nOutputs: 3,
+    })
+  }
+  const [ctx, presentK, presentV] = outs as [string, string, string] // ctx [1, seq, heads*headDim]
+  const ctxRows = g.op('Reshape', [ctx, g.i64('shape', [-1, heads * headDim])]) // [seq, heads*headDim]
+  return { partial: linear(g, constants, ctxRows, 'wo', shape.dim, heads * headDim, shape.bits.wo, shape.quantizedMatmul), presentK, presentV }
+}
+
+/** The 'ops' attention of `x` [seq, dim]: declares its own inputs (see {@link buildAttentionBlock}). */
+function attentionOps(g: GraphBuilder, shape: AttentionShardShape, constants: GraphConstants | undefined, x: string): { partial: string; presentK: string; presentV: string } {
+  const { dim, headDim, heads, kvHeads, normEps, ropeStyle } = shape
   const cos = g.input('cos', 'float32', ['seq', headDim])
   const sin = g.input('sin', 'float32', ['seq', headDim])
   const mask = g.input('mask', 'float32', ['seq', 'total'])
@@ -77,24 +224,13 @@ export function buildAttentionBlock(shape: AttentionShardShape, constants?: Grap
   const normW = param(g, constants, 'attn_norm', 'float32', [dim])
 
   const xn = rmsNorm(g, x, normW, normEps)
-  // Baked weights of one storage: a single matmul over [wq; wk; wv] (rows stacked), split into Q, K and V.
-  let fusedQkv: readonly string[] | null = null
-  if (constants?.wq && constants.wk && constants.wv && bits.wq === bits.wk && bits.wq === bits.wv) {
-    const qkvRows = (heads + 2 * kvHeads) * headDim
-    const qkv = linear(g, concatRows(constants, 'wqkv', ['wq', 'wk', 'wv'], bits.wq), xn, 'wqkv', qkvRows, dim, bits.wq, shape.quantizedMatmul)
-    const sizes = g.i64('split', [heads * headDim, kvHeads * headDim, kvHeads * headDim])
-    fusedQkv = g.node('Split', [qkv, sizes], { attrs: { axis: -1 }, nOutputs: 3 })
-  }
-  const project = (name: 'wq' | 'wk' | 'wv', n: number, biasName: string): string => {
-    const y = fusedQkv ? fusedQkv[['wq', 'wk', 'wv'].indexOf(name)]! : linear(g, constants, xn, name, n * headDim, dim, bits[name], shape.quantizedMatmul)
-    return shape.qkvBias ? g.op('Add', [y, param(g, constants, biasName, 'float32', [n * headDim])]) : y
-  }
+  const [qRows, kRows, vRows] = splitQkv(g, shape, projectQkv(g, shape, constants, xn))
   // [seq, n*headDim] -> [n, seq, headDim]
   const headsFirst = (t: string, n: number): string =>
     g.op('Transpose', [g.op('Reshape', [t, g.i64('shape', [0, n, headDim])])], { perm: [1, 0, 2] })
-  const q = rope(g, headsFirst(project('wq', heads, 'bq'), heads), cos, sin, headDim, ropeStyle)
-  const k = rope(g, headsFirst(project('wk', kvHeads, 'bk'), kvHeads), cos, sin, headDim, ropeStyle)
-  const v = headsFirst(project('wv', kvHeads, 'bv'), kvHeads)
+  const q = rope(g, headsFirst(qRows, heads), cos, sin, headDim, ropeStyle)
+  const k = rope(g, headsFirst(kRows, kvHeads), cos, sin, headDim, ropeStyle)
+  const v = headsFirst(vRows, kvHeads)
   const presentK = g.op('Concat', [pastK, k], { axis: 1 }) // [kvHeads, total, headDim]
   const presentV = g.op('Concat', [pastV, v], { axis: 1 })
 
@@ -111,12 +247,8 @@ export function buildAttentionBlock(shape: AttentionShardShape, constants?: Grap
     g.op('Transpose', [ctxHeads], { perm: [1, 0, 2] }),
     g.i64('shape', [0, heads * headDim]),
   ]) // [seq, heads*headDim]
-  const partial = linear(g, constants, ctxRows, 'wo', dim, heads * headDim, bits.wo, shape.quantizedMatmul) // [seq, dim]
-
-  g.output(partial, 'partial', 'float32', ['seq', dim])
-  g.output(presentK, 'present_k', 'float32', [kvHeads, 'total', headDim])
-  g.output(presentV, 'present_v', 'float32', [kvHeads, 'total', headDim])
-  return g.toBytes()
+  const partial = linear(g, constants, ctxRows, 'wo', dim, heads * headDim, shape.bits.wo, shape.quantizedMatmul) // [seq, dim]
+  return { partial, presentK, presentV }
 }
 
 /**
@@ -275,9 +407,18 @@ function rope(g: GraphBuilder, t: string, cos: string, sin: string, headDim: num
 }
 
 /**
- * RoPE tables for positions 0..maxSeqLen-1: `cos`/`sin` [maxSeqLen, headDim] f32 with angle
- * `pos * theta^(-2i/headDim)` for pair i, repeated over the pair's two slots (layout per `style`), as llama2.c's
- * run.c (`freq = 1 / pow(10000, head_dim / head_size)`). Rows for positions p..p+s are a zero-copy `subarray`.
+ * RoPE angle of pair i at position pos, `pos * theta^(-2i/headDim)`, with llama2.c run.c's float arithmetic
+ * (`freq = 1 / pow(10000, head_dim / head_size)`, freq and angle in f32).
+ */
+function ropeAngle(pos: number, i: number, headDim: number, theta: number): number {
+  const freq = Math.fround(1 / Math.fround(theta ** Math.fround((2 * i) / headDim)))
+  return Math.fround(pos * freq)
+}
+
+/**
+ * RoPE tables for positions 0..maxSeqLen-1 of the 'ops' attention kernel: `cos`/`sin` [maxSeqLen, headDim] f32 with
+ * the angle of each pair (see `ropeAngle`) repeated over the pair's two slots (layout per `style`). Rows for
+ * positions p..p+s are a zero-copy `subarray`.
  */
 export function ropeTables(
   maxSeqLen: number,
@@ -290,9 +431,7 @@ export function ropeTables(
   const half = headDim / 2
   for (let pos = 0; pos < maxSeqLen; pos++) {
     for (let i = 0; i < half; i++) {
-      // Match run.c's float arithmetic: freq and angle in f32.
-      const freq = Math.fround(1 / Math.fround(theta ** Math.fround((2 * i) / headDim)))
-      const angle = Math.fround(pos * freq)
+      const angle = ropeAngle(pos, i, headDim, theta)
       const c = Math.cos(angle)
       const s = Math.sin(angle)
       const [j0, j1] = style === 'adjacent' ? [2 * i, 2 * i + 1] : [i, i + half]
@@ -300,6 +439,25 @@ export function ropeTables(
       cos[pos * headDim + j1] = c
       sin[pos * headDim + j0] = s
       sin[pos * headDim + j1] = s
+    }
+  }
+  return { cos, sin }
+}
+
+/**
+ * RoPE caches of the 'gqa' attention kernel, ORT's layout for GroupQueryAttention and RotaryEmbedding: `cos`/`sin`
+ * [maxSeqLen, headDim/2] f32, one value per pair (the op pairs dimensions by its `interleaved` attribute). The values
+ * are those of {@link ropeTables}.
+ */
+export function ropeCaches(maxSeqLen: number, headDim: number, theta: number): { cos: Float32Array; sin: Float32Array } {
+  const half = headDim / 2
+  const cos = new Float32Array(maxSeqLen * half)
+  const sin = new Float32Array(maxSeqLen * half)
+  for (let pos = 0; pos < maxSeqLen; pos++) {
+    for (let i = 0; i < half; i++) {
+      const angle = ropeAngle(pos, i, headDim, theta)
+      cos[pos * half + i] = Math.cos(angle)
+      sin[pos * half + i] = Math.sin(angle)
     }
   }
   return { cos, sin }

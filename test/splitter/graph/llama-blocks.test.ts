@@ -1,0 +1,143 @@
+import { describe, expect, it } from 'vitest'
+import { type HostTensor, Session } from '../../../agent/runtime.ts'
+import { asConstants, causalMask, linearFeeds } from '../../../agent/shard-runner.ts'
+import {
+  type AttentionKernel,
+  type AttentionShardShape,
+  buildAttentionBlock,
+  type LinearWeight,
+  quantizeQ4_0,
+  ropeCaches,
+  ropeTables,
+  toLinearWeight,
+} from '../../../splitter/index.ts'
+import { seededRandom } from '../../support/random.ts'
+
+// The attention kernels ('gqa': ORT's GroupQueryAttention, 'ops': plain ONNX ops) against each other, on random weights through real onnxruntime sessions. Prefill, single-token decode and a
+// later multi-token chunk all go through the KV cache.
+
+const DIM = 64
+const MAX_SEQ = 32
+const THETA = 10000
+const SEQS = [5, 1, 1, 3, 1] // positions 0-4, 5, 6, 7-9, 10
+
+function uniform(seed: number): (n: number, scale?: number) => Float32Array {
+  const random = seededRandom(seed)
+  return (n, scale = 0.3) => Float32Array.from({ length: n }, () => (random() - 0.5) * 2 * scale)
+}
+
+function linearWeight(rand: ReturnType<typeof uniform>, rows: number, cols: number, bits: 32 | 4): LinearWeight {
+  const values = rand(rows * cols)
+  return bits === 32 ? { bits: 32, rows, cols, data: values } : toLinearWeight('q4_0', quantizeQ4_0(values), rows, cols)
+}
+
+function attentionFeeds(shape: AttentionShardShape, seed: number, bits: 32 | 4): Record<string, HostTensor> {
+  const rand = uniform(seed)
+  const q = shape.heads * shape.headDim
+  const kv = shape.kvHeads * shape.headDim
+  const vec = (n: number, base = 0): HostTensor => ({ data: rand(n).map((v) => base + v), dims: [n] })
+  return {
+    attn_norm: vec(DIM, 1),
+    ...linearFeeds('wq', linearWeight(rand, q, DIM, bits)),
+    ...linearFeeds('wk', linearWeight(rand, kv, DIM, bits)),
+    ...linearFeeds('wv', linearWeight(rand, kv, DIM, bits)),
+    ...linearFeeds('wo', linearWeight(rand, DIM, q, bits)),
+    ...(shape.qkvBias ? { bq: vec(q), bk: vec(kv), bv: vec(kv) } : {}),
+  }
+}
+
+/** Inputs giving positions pos0..pos0+seq-1 to a graph of `kernel` (see buildAttentionBlock). */
+function positionFeeds(kernel: AttentionKernel, shape: AttentionShardShape, pos0: number, seq: number): Record<string, HostTensor> {
+  const hd = shape.headDim
+  const total = pos0 + seq
+  if (kernel === 'gqa') {
+    const { cos, sin } = ropeCaches(MAX_SEQ, hd, THETA)
+    return {
+      seqlens_k: { data: Int32Array.of(total - 1), dims: [1] },
+      total_sequence_length: { data: Int32Array.of(total), dims: [] },
+      cos_cache: { data: cos, dims: [MAX_SEQ, hd / 2] },
+      sin_cache: { data: sin, dims: [MAX_SEQ, hd / 2] },
+    }
+  }
+  const { cos, sin } = ropeTables(MAX_SEQ, hd, THETA, shape.ropeStyle)
+  return {
+    cos: { data: cos.subarray(pos0 * hd, total * hd), dims: [seq, hd] },
+    sin: { data: sin.subarray(pos0 * hd, total * hd), dims: [seq, hd] },
+    mask: { data: causalMask(seq, pos0), dims: [seq, total] },
+  }
+}
+
+/** Runs `SEQS` through one attention graph; returns per step the partial [seq, dim] and the KV cache after it. */
+async function attentionSteps(
+  shape: AttentionShardShape,
+  kernel: AttentionKernel,
+  weights: Record<string, HostTensor>,
+  baked: boolean,
+  xs: readonly Float32Array[],
+): Promise<{ partial: Float32Array; k: Float32Array; v: Float32Array }[]> {
+  const session = await Session.create('attention', buildAttentionBlock({ ...shape, kernel }, baked ? asConstants(weights) : undefined))
+  const kvDims = (past: number): number[] => (kernel === 'gqa' ? [1, shape.kvHeads, past, shape.headDim] : [shape.kvHeads, past, shape.headDim])
+  let k: Float32Array = new Float32Array(0)
+  let v: Float32Array = new Float32Array(0)
+  let pos0 = 0
+  const out = []
+  for (const x of xs) {
+    const seq = x.length / DIM
+    const r = await session.run({
+      x: { data: x, dims: [seq, DIM] },
+      ...positionFeeds(kernel, shape, pos0, seq),
+      past_k: { data: k, dims: kvDims(pos0) },
+      past_v: { data: v, dims: kvDims(pos0) },
+      ...(baked ? {} : weights),
+    })
+    k = r.present_k!.data as Float32Array
+    v = r.present_v!.data as Float32Array
+    out.push({ partial: r.partial!.data as Float32Array, k, v })
+    pos0 += seq
+  }
+  await session.release()
+  return out
+}
+
+function maxAbsDiff(a: Float32Array, b: Float32Array): number {
+  expect(a.length).toBe(b.length)
+  let d = 0
+  for (let i = 0; i < a.length; i++) d = Math.max(d, Math.abs(a[i]! - b[i]!))
+  return d
+}
+
+const hiddenStates = (seed: number): Float32Array[] => {
+  const rand = uniform(seed)
+  return SEQS.map((seq) => rand(seq * DIM, 1))
+}
+
+describe('attention kernels', () => {
+  const cases: { name: string; shape: AttentionShardShape; baked: boolean }[] = [
+    { name: 'head size 16 (RoPE inside GroupQueryAttention), adjacent pairs, dense', shape: attentionShape(16, 4, 2, 'adjacent', false), baked: true },
+    { name: 'head size 16, halves, Q/K/V biases, 4-bit weights', shape: attentionShape(16, 4, 2, 'halves', true, 4), baked: true },
+    { name: 'head size 8 (RotaryEmbedding first), adjacent pairs, dense', shape: attentionShape(8, 8, 4, 'adjacent', false), baked: true },
+    { name: 'head size 8, halves, Q/K/V biases, weights as inputs', shape: attentionShape(8, 4, 1, 'halves', true), baked: false },
+    { name: 'head size 16, 4-bit weights as inputs (three projections)', shape: attentionShape(16, 4, 4, 'adjacent', false, 4), baked: false },
+  ]
+  it.each(cases)("'gqa' matches 'ops' within 1e-5 through prefill, decode and a later chunk: $name", async ({ shape, baked }) => {
+    const weights = attentionFeeds(shape, 11, shape.bits.wq === 4 ? 4 : 32)
+    const xs = hiddenStates(12)
+    const gqa = await attentionSteps(shape, 'gqa', weights, baked, xs)
+    const ops = await attentionSteps(shape, 'ops', weights, baked, xs)
+    for (const [i, step] of gqa.entries()) {
+      expect(maxAbsDiff(step.partial, ops[i]!.partial)).toBeLessThan(1e-5)
+      expect(maxAbsDiff(step.k, ops[i]!.k)).toBeLessThan(1e-5)
+      expect(maxAbsDiff(step.v, ops[i]!.v)).toBe(0) // V is not rotated: copied as computed
+    }
+    // The cache holds every position so far: [kvHeads, total, headDim].
+    expect(gqa.at(-1)!.k.length).toBe(shape.kvHeads * 11 * shape.headDim)
+  })
+
+  it("refuses 'gqa' for a head size that is not a multiple of 8", () => {
+    expect(() => buildAttentionBlock({ ...attentionShape(4, 2, 1, 'adjacent', false), kernel: 'gqa' })).toThrow(RangeError)
+  })
+})
+
+function attentionShape(headDim: number, heads: number, kvHeads: number, ropeStyle: 'adjacent' | 'halves', qkvBias: boolean, bits: 32 | 4 = 32): AttentionShardShape {
+  return { dim: DIM, headDim, heads, kvHeads, normEps: 1e-5, ropeStyle, qkvBias, bits: { wq: bits, wk: bits, wv: bits, wo: bits }, quantizedMatmul: 'exact' }
+}
