@@ -4,6 +4,7 @@ import {
   type AttentionShardWeights,
   attentionKernel,
   buildAttentionBlock,
+  buildDecoderLayers,
   buildFfnBlock,
   type FfnShardWeights,
   type GraphConstants,
@@ -34,11 +35,43 @@ export function allreduceTag(step: number, nLayers: number, layer: number, phase
 }
 
 /**
+ * Most decoder layers per graph when a peer runs whole layers (see `buildDecoderLayers`). Each session run costs more
+ * than its kernels: on TinyLlama-1.1B Q4_0 (22 layers, 2 threads, load average 8-10) one graph per layer took ~30 %
+ * more CPU per decoded token than graphs of 4, 8 or 22 layers, which were alike.
+ */
+export const DEFAULT_LAYERS_PER_GRAPH = 8
+
+/**
+ * Most weight bytes baked into one whole-layer graph (a layer larger than this gets a graph of its own): a graph is
+ * one protobuf, limited to 2 GiB, and building it holds the weights several times over.
+ */
+export const MAX_GRAPH_WEIGHT_BYTES = 256 * 2 ** 20
+
+/** Options of {@link ShardRunner.create}. */
+export interface ShardRunnerOptions extends RuntimeOptions {
+  /**
+   * Most decoder layers per graph for a peer with no allreduce partner and resident weights (default
+   * {@link DEFAULT_LAYERS_PER_GRAPH}, and at most {@link MAX_GRAPH_WEIGHT_BYTES} of weights); 0 keeps one graph per
+   * attention and FFN block, as with partners.
+   */
+  readonly layersPerGraph?: number
+}
+
+/** A graph of whole decoder layers `first`..`first + count - 1`. */
+interface LayerGroup {
+  readonly session: Session
+  readonly first: number
+  readonly count: number
+}
+
+/**
  * Executes one peer's share of every decoder layer for a tensor-parallel plan: the same code on the master and on
  * every worker, and with one shard for a single device.
  *
- * Per layer: attention share → allreduce → residual add → FFN share → allreduce → residual add. The KV cache of the
- * peer's own KV heads grows by the forwarded positions; `reset()` starts a new sequence.
+ * Per layer: attention share → allreduce → residual add → FFN share → allreduce → residual add. A peer with no
+ * allreduce partner (a plan of one shard) and resident weights runs whole layers per graph instead, residual adds
+ * inside (see `buildDecoderLayers`). The KV cache of the peer's own KV heads grows by the forwarded positions;
+ * `reset()` starts a new sequence.
  */
 export class ShardRunner {
   readonly plan: TensorParallelPlan
@@ -48,6 +81,8 @@ export class ShardRunner {
   // Per layer: a session with that layer's weights baked in, or one shared session fed the weights as inputs.
   readonly #attention: readonly (Session | null)[]
   readonly #ffn: readonly (Session | null)[]
+  // Whole layers per graph (no allreduce partner, resident weights), or null: one graph per block.
+  readonly #groups: readonly LayerGroup[] | null
   readonly #kernel: AttentionKernel
   // 'gqa': ropeCaches [maxSeqLen, headDim/2] f32; 'ops': ropeTables [maxSeqLen, headDim] f32
   readonly #rope: { cos: Float32Array; sin: Float32Array }
@@ -63,6 +98,7 @@ export class ShardRunner {
     window: number,
     attention: readonly (Session | null)[],
     ffn: readonly (Session | null)[],
+    groups: readonly LayerGroup[] | null,
   ) {
     this.plan = plan
     this.shard = shard
@@ -70,6 +106,7 @@ export class ShardRunner {
     this.#window = window
     this.#attention = attention
     this.#ffn = ffn
+    this.#groups = groups
     const m = plan.model
     this.#kernel = attentionKernel(m.headDim)
     this.#rope = this.#kernel === 'gqa' ? ropeCaches(m.maxSeqLen, m.headDim, m.ropeTheta) : ropeTables(m.maxSeqLen, m.headDim, m.ropeTheta, m.ropeStyle)
@@ -81,14 +118,17 @@ export class ShardRunner {
    * Builds the shard's graphs and loads them into onnxruntime.
    * @param weights one entry per layer, cut for `plan.shards[shardIndex]` (see `sliceLayerShard`), or a store that
    *   streams them (sliding window).
-   * @throws RangeError when the weights do not match the plan; RuntimeError when ORT refuses a graph.
+   * @throws RangeError when the weights do not match the plan or `layersPerGraph` is not a whole number ≥ 0;
+   *   RuntimeError when ORT refuses a graph.
    */
   static async create(
     plan: TensorParallelPlan,
     shardIndex: number,
     weights: readonly LayerShardWeights[] | WeightStore,
-    options: RuntimeOptions = {},
+    options: ShardRunnerOptions = {},
   ): Promise<ShardRunner> {
+    const perGraph = options.layersPerGraph ?? DEFAULT_LAYERS_PER_GRAPH
+    if (!Number.isInteger(perGraph) || perGraph < 0) throw new RangeError(`cannot put ${perGraph} layers in a graph: need a whole number ≥ 0`)
     const shard = plan.shards[shardIndex]
     if (!shard) throw new RangeError(`cannot run shard ${shardIndex}: the plan has ${plan.shards.length} shards`)
     const m = plan.model
@@ -132,11 +172,35 @@ export class ShardRunner {
     const ffnShape = f0 && { dim: m.dim, columns: shard.ffnColumns.count, normEps: m.normEps, bits: f0, quantizedMatmul: plan.quantizedMatmul }
     const window = store.window
     if (store instanceof ResidentStore) {
-      // Resident: one session per layer and block with the weights baked in as initializers (ORT pre-packs them;
-      // MatMulNBits is ~400× slower with B as an input). Our copies are dropped once ORT holds its own.
+      // Resident: sessions with the weights baked in as initializers (ORT pre-packs them; MatMulNBits is ~400× slower
+      // with B as an input). Our copies are dropped once ORT holds its own.
       const attention: (Session | null)[] = Array.from({ length: plan.layers.start }, () => null)
       const ffn: (Session | null)[] = Array.from({ length: plan.layers.start }, () => null)
-      for (let layer = plan.layers.start; layer < plan.layers.start + plan.layers.count; layer++) {
+      const end = plan.layers.start + plan.layers.count
+      if (perGraph > 0 && plan.shards.length === 1 && attentionShape && ffnShape && attentionKernel(m.headDim) === 'gqa') {
+        // No allreduce partner: whole layers per graph, consecutive layers together up to the count and bytes limits.
+        const groups: LayerGroup[] = []
+        let pending: GraphConstants[] = []
+        let pendingBytes = 0
+        const flush = async (first: number): Promise<void> => {
+          const count = pending.length
+          const name = count === 1 ? `layer ${first}` : `layers ${first}-${first + count - 1}`
+          groups.push({ session: await Session.create(name, buildDecoderLayers(attentionShape, ffnShape, pending), options), first, count })
+          pending = []
+          pendingBytes = 0
+        }
+        for (let layer = plan.layers.start; layer < end; layer++) {
+          const feeds = { ...attentionWeightFeeds(await store.attention(layer)), ...ffnWeightFeeds(await store.ffn(layer)) }
+          const bytes = Object.values(feeds).reduce((sum, t) => sum + t.data.byteLength, 0)
+          if (pending.length > 0 && (pending.length === perGraph || pendingBytes + bytes > MAX_GRAPH_WEIGHT_BYTES)) await flush(layer - pending.length)
+          pending.push(asConstants(feeds))
+          pendingBytes += bytes
+        }
+        await flush(end - pending.length)
+        await store.close()
+        return new ShardRunner(plan, shard, null, window, attention, ffn, groups)
+      }
+      for (let layer = plan.layers.start; layer < end; layer++) {
         attention.push(
           attentionShape
             ? await Session.create(`attention ${layer}`, buildAttentionBlock(attentionShape, asConstants(attentionWeightFeeds(await store.attention(layer)))), options)
@@ -145,13 +209,13 @@ export class ShardRunner {
         ffn.push(ffnShape ? await Session.create(`ffn ${layer}`, buildFfnBlock(ffnShape, asConstants(ffnWeightFeeds(await store.ffn(layer)))), options) : null)
       }
       await store.close()
-      return new ShardRunner(plan, shard, null, window, attention, ffn)
+      return new ShardRunner(plan, shard, null, window, attention, ffn, null)
     }
     // Streaming: one session per block kind, fed each layer's weights from the sliding window.
     const attention = attentionShape ? await Session.create('attention', buildAttentionBlock(attentionShape), options) : null
     const ffn = ffnShape ? await Session.create('ffn', buildFfnBlock(ffnShape), options) : null
     const layers = Array.from({ length: m.nLayers }, () => 0)
-    return new ShardRunner(plan, shard, store, window, layers.map(() => attention), layers.map(() => ffn))
+    return new ShardRunner(plan, shard, store, window, layers.map(() => attention), layers.map(() => ffn), null)
   }
 
   /** Positions held in the KV cache. */
@@ -175,7 +239,8 @@ export class ShardRunner {
    * Runs the plan's layers (`plan.layers`, all of them for pure tensor parallelism) on `x` [seq, dim] f32 (positions pos0..pos0+seq-1, pos0 = cachedLength) in place and returns it.
    * Every peer of the plan must call this with the same `step`, `pos0` and `x`.
    * @param tracer when given, records per layer `attention` / `ffn` (compute), `allreduce` (wait) and, streaming
-   *   weights, `weights` (I/O) spans, plus one `forward` span around them.
+   *   weights, `weights` (I/O) spans, plus one `forward` span around them; whole-layer graphs record one `layers`
+   *   (compute) span per graph instead of the per-block spans.
    * @throws RangeError when pos0 is not the cached length or the sequence would pass maxSeqLen; whatever the
    *   allreduce throws (a peer gone).
    */
@@ -209,6 +274,7 @@ export class ShardRunner {
       }
       pastDims = [kvHeads, pos0, hd]
     }
+    if (this.#groups) return this.#forwardLayers(x, positions, pastDims, step, timings, tracer)
 
     const store = this.#store
     const io0 = store?.ioWaitMs ?? 0
@@ -285,8 +351,44 @@ export class ShardRunner {
     return x
   }
 
+  /** {@link forward} through whole-layer graphs: no allreduce, residual adds inside the graphs. */
+  async #forwardLayers(
+    x: Float32Array,
+    positions: Record<string, HostTensor>,
+    pastDims: number[],
+    step: number,
+    timings: ForwardTimings | undefined,
+    tracer: Tracer | undefined,
+  ): Promise<Float32Array> {
+    const m = this.plan.model
+    const seq = x.length / m.dim
+    const now = performance.now.bind(performance)
+    const forwardStart = now()
+    for (const group of this.#groups!) {
+      const t0 = now()
+      const feeds: Record<string, HostTensor> = { x: { data: x, dims: [seq, m.dim] }, ...positions }
+      for (let i = 0; i < group.count; i++) {
+        feeds[`past_k_${i}`] = { data: this.#pastK[group.first + i]!, dims: pastDims }
+        feeds[`past_v_${i}`] = { data: this.#pastV[group.first + i]!, dims: pastDims }
+      }
+      const out = await group.session.run(feeds)
+      for (let i = 0; i < group.count; i++) {
+        this.#pastK[group.first + i] = out[`present_k_${i}`]!.data as Float32Array
+        this.#pastV[group.first + i] = out[`present_v_${i}`]!.data as Float32Array
+      }
+      x.set(out.y!.data as Float32Array)
+      if (tracer) tracer.span('layers', 'compute', t0, now(), { layer: group.first, layers: group.count, step })
+    }
+    this.#cachedLen += seq
+    const end = now()
+    if (timings) timings.computeMs += end - forwardStart
+    if (tracer) tracer.span('forward', 'forward', forwardStart, end, { step, pos0: this.#cachedLen - seq, seq })
+    return x
+  }
+
   /** Releases the ORT sessions. */
   async release(): Promise<void> {
+    for (const group of this.#groups ?? []) await group.session.release()
     for (const session of new Set([...this.#attention, ...this.#ffn])) await session?.release()
     await this.#store?.close()
   }

@@ -90,6 +90,7 @@ export {
   type AttentionShardShape,
   attentionKernel,
   buildAttentionBlock,
+  buildDecoderLayers,
   buildFfnBlock,
   buildOutputHead,
   type FfnShardShape,

@@ -271,6 +271,51 @@ function concatRows(constants: GraphConstants, name: string, parts: readonly str
   return { ...constants, [name]: stack(parts), [`${name}_scales`]: stack(parts.map((p) => `${p}_scales`)) }
 }
 
+/**
+ * Whole decoder layers in one graph, for a peer that holds every head and FFN column of them and so has no
+ * allreduce partner (a single device, or a pipeline stage of one device): per layer `x += attention(RMSNorm(x))`,
+ * `x += ffn(RMSNorm(x))`, each residual add fused into the RMSNorm that follows it
+ * (`com.microsoft.SkipSimplifiedLayerNormalization`). One session run covers `layers.length` layers, against two
+ * runs and two host-side adds per layer with {@link buildAttentionBlock} and {@link buildFfnBlock}; the arithmetic
+ * is theirs (f32 adds in the same order).
+ *
+ * Inputs: `x` [seq, dim] f32; the position inputs of the 'gqa' kernel (see {@link buildAttentionBlock});
+ * `past_k_<i>`, `past_v_<i>` [1, kvHeads, past, headDim] f32 for the i-th layer of the graph (from 0).
+ * Outputs: `y` [seq, dim] f32 (the hidden state after the last layer), `present_k_<i>`, `present_v_<i>`
+ * [1, kvHeads, total, headDim] f32.
+ * @param layers per layer, every weight of its attention and FFN blocks (names as in those blocks), all baked
+ * @throws RangeError when a weight is missing, the shapes do not describe whole layers, or the head size does not
+ *   suit the 'gqa' kernel
+ */
+export function buildDecoderLayers(attention: AttentionShardShape, ffn: FfnShardShape, layers: readonly GraphConstants[]): Uint8Array {
+  const { dim, headDim, kvHeads, normEps } = attention
+  checkAttentionShape(attention, 'gqa')
+  if (ffn.dim !== dim || ffn.normEps !== normEps) throw new RangeError(`cannot build decoder layers: attention width ${dim} and FFN width ${ffn.dim} differ`)
+  if (layers.length < 1) throw new RangeError('cannot build decoder layers: no layers given')
+  const g = new GraphBuilder('edgeshard_layers')
+  const positions = positionInputs(g, headDim)
+  let x = g.input('x', 'float32', ['seq', dim])
+  let pending: string | null = null // the last FFN output, still to be added to x
+  for (const [i, c] of layers.entries()) {
+    const missing = ['attn_norm', 'wq', 'wk', 'wv', 'wo', 'ffn_norm', 'w1', 'w3', 'w2'].filter((n) => !c[n])
+    if (missing.length > 0) throw new RangeError(`cannot build decoder layers: layer ${i} lacks weights ${missing.join(', ')}`)
+    const pastK = g.input(`past_k_${i}`, 'float32', [1, kvHeads, 'past', headDim])
+    const pastV = g.input(`past_v_${i}`, 'float32', [1, kvHeads, 'past', headDim])
+    const attnNorm = param(g, c, 'attn_norm', 'float32', [dim])
+    let xn: string
+    if (pending) [xn, x] = addRmsNorm(g, x, pending, attnNorm, normEps)
+    else xn = rmsNorm(g, x, attnNorm, normEps)
+    const a = attentionGqa(g, attention, c, xn, positions, pastK, pastV)
+    g.output(a.presentK, `present_k_${i}`, 'float32', [1, kvHeads, 'total', headDim])
+    g.output(a.presentV, `present_v_${i}`, 'float32', [1, kvHeads, 'total', headDim])
+    const [hn, h] = addRmsNorm(g, x, a.partial, param(g, c, 'ffn_norm', 'float32', [dim]), normEps)
+    x = h
+    pending = swiGlu(g, ffn, c, hn)
+  }
+  g.output(g.op('Add', [x, pending!]), 'y', 'float32', ['seq', dim])
+  return g.toBytes()
+}
+
 /** Shape of one peer's FFN share. */
 export interface FfnShardShape {
   readonly dim: number
@@ -387,6 +432,15 @@ function linear(
  */
 function rmsNorm(g: GraphBuilder, x: string, weight: string, eps: number): string {
   return g.node('SimplifiedLayerNormalization', [x, weight], { attrs: { axis: -1, epsilon: eps, stash_type: 1 }, floatAttrs: ['epsilon'] })[0]!
+}
+
+/**
+ * `x + skip` and its RMSNorm (see {@link rmsNorm}) in one op: `com.microsoft.SkipSimplifiedLayerNormalization`.
+ * @returns [normalised sum, sum]
+ */
+function addRmsNorm(g: GraphBuilder, x: string, skip: string, weight: string, eps: number): [string, string] {
+  const outs = g.node('SkipSimplifiedLayerNormalization', [x, skip, weight], { attrs: { epsilon: eps }, floatAttrs: ['epsilon'], domain: 'com.microsoft', nOutputs: 4 })
+  return [outs[0]!, outs[3]!]
 }
 
 /**

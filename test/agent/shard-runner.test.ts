@@ -83,6 +83,40 @@ describe.skipIf(!HAVE_MODELS)('ShardRunner with the in-process allreduce', () =>
     }
   })
 
+  it('runs whole layers per graph alone (1 and 3 layers per graph, and a stage of layers 1..4) as the per-block graphs do, within 1e-5', async () => {
+    const model = loadModel(join(MODELS_DIR, 'stories260K.bin'))
+    const src = source(model)
+    const tokens = referenceCases()[0]!.prompt_tokens
+    const embedding = readTensorF32(model, 'token_embd.weight')
+    const { dim } = model.config
+    for (const layers of [{ start: 0, count: 5 }, { start: 1, count: 4 }]) {
+      const plan = planTensorParallel(model.config, 1, { layers })
+      const weights = Array.from({ length: plan.model.nLayers }, (_, layer) => sliceLayerShard(plan.model, plan.shards[0]!, layer, src))
+      const states: Float32Array[] = []
+      for (const layersPerGraph of [0, 1, 3]) {
+        const runner = await ShardRunner.create(plan, 0, weights, { layersPerGraph })
+        const [ar] = createInProcessAllreduce(1)
+        // The prompt, then two decode steps through the KV cache.
+        const out: number[] = []
+        let pos0 = 0
+        for (const chunk of [tokens, [tokens[1]!], [tokens[2]!]]) {
+          const x = new Float32Array(chunk.length * dim)
+          for (const [i, t] of chunk.entries()) x.set(embedding.subarray(t * dim, (t + 1) * dim), i * dim)
+          out.push(...(await runner.forward(x, pos0, pos0, ar!)))
+          pos0 += chunk.length
+        }
+        expect(runner.cachedLength).toBe(tokens.length + 2)
+        await runner.release()
+        states.push(Float32Array.from(out))
+      }
+      for (const whole of states.slice(1)) {
+        let maxAbs = 0
+        for (let i = 0; i < whole.length; i++) maxAbs = Math.max(maxAbs, Math.abs(whole[i]! - states[0]![i]!))
+        expect(maxAbs).toBeLessThan(1e-5)
+      }
+    }
+  })
+
   it('refuses a forward that does not continue the KV cache', async () => {
     const model = loadModel(join(MODELS_DIR, 'stories260K.bin'))
     const plan = planTensorParallel(model.config, 1)

@@ -5,6 +5,9 @@ import {
   type AttentionKernel,
   type AttentionShardShape,
   buildAttentionBlock,
+  buildDecoderLayers,
+  buildFfnBlock,
+  type FfnShardShape,
   type LinearWeight,
   quantizeQ4_0,
   ropeCaches,
@@ -13,7 +16,8 @@ import {
 } from '../../../splitter/index.ts'
 import { seededRandom } from '../../support/random.ts'
 
-// The attention kernels ('gqa': ORT's GroupQueryAttention, 'ops': plain ONNX ops) against each other, on random weights through real onnxruntime sessions. Prefill, single-token decode and a
+// The attention kernels ('gqa': ORT's GroupQueryAttention, 'ops': plain ONNX ops) and the whole-layer graph against
+// the per-block graphs, on random weights through real onnxruntime sessions. Prefill, single-token decode and a
 // later multi-token chunk all go through the KV cache.
 
 const DIM = 64
@@ -43,6 +47,16 @@ function attentionFeeds(shape: AttentionShardShape, seed: number, bits: 32 | 4):
     ...linearFeeds('wv', linearWeight(rand, kv, DIM, bits)),
     ...linearFeeds('wo', linearWeight(rand, DIM, q, bits)),
     ...(shape.qkvBias ? { bq: vec(q), bk: vec(kv), bv: vec(kv) } : {}),
+  }
+}
+
+function ffnFeeds(shape: FfnShardShape, seed: number, bits: 32 | 4): Record<string, HostTensor> {
+  const rand = uniform(seed)
+  return {
+    ffn_norm: { data: rand(DIM).map((v) => 1 + v), dims: [DIM] },
+    ...linearFeeds('w1', linearWeight(rand, shape.columns, DIM, bits)),
+    ...linearFeeds('w3', linearWeight(rand, shape.columns, DIM, bits)),
+    ...linearFeeds('w2', linearWeight(rand, DIM, shape.columns, bits)),
   }
 }
 
@@ -135,6 +149,62 @@ describe('attention kernels', () => {
 
   it("refuses 'gqa' for a head size that is not a multiple of 8", () => {
     expect(() => buildAttentionBlock({ ...attentionShape(4, 2, 1, 'adjacent', false), kernel: 'gqa' })).toThrow(RangeError)
+  })
+})
+
+describe('buildDecoderLayers', () => {
+  it('matches the attention and FFN blocks with host-side residual adds within 1e-5 (2 layers, 4-bit)', async () => {
+    const a4 = attentionShape(16, 4, 2, 'adjacent', false, 4)
+    const fShape: FfnShardShape = { dim: DIM, columns: 96, normEps: 1e-5, bits: { w1: 4, w3: 4, w2: 4 } }
+    const layers = [0, 1].map((l) => ({ attention: attentionFeeds(a4, 20 + l, 4), ffn: ffnFeeds(fShape, 30 + l, 4) }))
+    const whole = await Session.create('layers', buildDecoderLayers(a4, fShape, layers.map((l) => asConstants({ ...l.attention, ...l.ffn }))))
+    const blocks = await Promise.all(
+      layers.map(async (l) => ({
+        attention: await Session.create('attention', buildAttentionBlock(a4, asConstants(l.attention))),
+        ffn: await Session.create('ffn', buildFfnBlock(fShape, asConstants(l.ffn))),
+      })),
+    )
+    const kv = (n: number): number[] => [1, a4.kvHeads, n, a4.headDim]
+    const cacheW: { k: Float32Array; v: Float32Array }[] = layers.map(() => ({ k: new Float32Array(0), v: new Float32Array(0) }))
+    const cacheB: { k: Float32Array; v: Float32Array }[] = layers.map(() => ({ k: new Float32Array(0), v: new Float32Array(0) }))
+    let pos0 = 0
+    for (const x of hiddenStates(40)) {
+      const seq = x.length / DIM
+      const positions = positionFeeds('gqa', a4, pos0, seq)
+      const feeds: Record<string, HostTensor> = { x: { data: x, dims: [seq, DIM] }, ...positions }
+      for (const [i, c] of cacheW.entries()) {
+        feeds[`past_k_${i}`] = { data: c.k, dims: kv(pos0) }
+        feeds[`past_v_${i}`] = { data: c.v, dims: kv(pos0) }
+      }
+      const w = await whole.run(feeds)
+      const h = x.slice()
+      for (const [i, b] of blocks.entries()) {
+        const a = await b.attention.run({ x: { data: h, dims: [seq, DIM] }, ...positions, past_k: { data: cacheB[i]!.k, dims: kv(pos0) }, past_v: { data: cacheB[i]!.v, dims: kv(pos0) } })
+        cacheB[i] = { k: a.present_k!.data as Float32Array, v: a.present_v!.data as Float32Array }
+        const ap = a.partial!.data as Float32Array
+        for (let j = 0; j < h.length; j++) h[j]! += ap[j]!
+        const f = (await b.ffn.run({ h: { data: h, dims: [seq, DIM] } })).partial!.data as Float32Array
+        for (let j = 0; j < h.length; j++) h[j]! += f[j]!
+      }
+      expect(maxAbsDiff(w.y!.data as Float32Array, h)).toBeLessThan(1e-5)
+      for (const [i, c] of cacheB.entries()) {
+        cacheW[i] = { k: w[`present_k_${i}`]!.data as Float32Array, v: w[`present_v_${i}`]!.data as Float32Array }
+        expect(maxAbsDiff(cacheW[i]!.k, c.k)).toBeLessThan(1e-5)
+      }
+      pos0 += seq
+    }
+    await whole.release()
+    for (const b of blocks) {
+      await b.attention.release()
+      await b.ffn.release()
+    }
+  })
+
+  it('refuses a layer with a weight missing, naming it', () => {
+    const shape = attentionShape(16, 4, 2, 'adjacent', false)
+    const fShape: FfnShardShape = { dim: DIM, columns: 32, normEps: 1e-5, bits: { w1: 32, w3: 32, w2: 32 } }
+    const { w2: _, ...partial } = ffnFeeds(fShape, 1, 32)
+    expect(() => buildDecoderLayers(shape, fShape, [asConstants({ ...attentionFeeds(shape, 1, 32), ...partial })])).toThrow(/layer 0 lacks weights w2/)
   })
 })
 
