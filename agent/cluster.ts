@@ -100,6 +100,11 @@ export interface ClusterOptions {
   readonly workers: readonly string[]
   /** ORT intra-op threads on the master and each worker. */
   readonly threads: number
+  /**
+   * Decoder layers per graph on a peer that is alone in its stage (see ShardRunnerOptions.layersPerGraph), on the
+   * master and each worker; 0 keeps one graph per attention and FFN block. Default: the runner's.
+   */
+  readonly layersPerGraph?: number
   readonly signal?: AbortSignal
   /** Called as each worker finishes loading its shard (`index`: its device index). */
   readonly onWorkerReady?: (index: number, peer: string) => void
@@ -447,6 +452,7 @@ export class Cluster {
           plan: clusterPlan.stages[l.stage]!.tensorParallel,
           shardIndex: l.shardIndex,
           threads: options.threads,
+          ...(options.layersPerGraph !== undefined ? { layersPerGraph: options.layersPerGraph } : {}),
           ...(this.#tracer ? { trace: true } : {}),
           ...(l.role !== 'member' ? { role: l.role, stageId: stageIds[l.stage]! } : {}),
           ...(emulatedLinks.length > 0 ? { links: emulatedLinks } : {}),
@@ -499,7 +505,11 @@ export class Cluster {
           store = await openShard(shardDir, { budgetBytes: budget!, kvCacheBytes: kvCacheBytes(masterPlan, 0) })
           log('master shard: %d bytes on disk', total)
         }
-        this.#runner = await ShardRunner.create(masterPlan, 0, store, { threads: options.threads, ...(budget !== undefined ? { lowMemory: true } : {}) })
+        this.#runner = await ShardRunner.create(masterPlan, 0, store, {
+          threads: options.threads,
+          ...(budget !== undefined ? { lowMemory: true } : {}),
+          ...(options.layersPerGraph !== undefined ? { layersPerGraph: options.layersPerGraph } : {}),
+        })
       }
       log('install: master shard loaded at %d ms', Math.round(performance.now() - t0))
       if (first) this.#overheadBytes = memoryUsage().rssBytes

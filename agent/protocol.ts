@@ -38,6 +38,8 @@ export type MasterMessage =
       plan: TensorParallelPlan
       shardIndex: number
       threads: number
+      /** Decoder layers per graph for a shard without allreduce partners (see ShardRunnerOptions); absent: the default. */
+      layersPerGraph?: number
       trace?: boolean
       /** Default `member`. */
       role?: StageRole
@@ -212,11 +214,13 @@ export function parseMasterMessage(h: Record<string, unknown>): MasterMessage {
       if (h.trace !== undefined && typeof h.trace !== 'boolean') throw new ProtocolError(`frame plan: field trace must be a boolean, got ${JSON.stringify(h.trace)}`)
       const heartbeatMs = h.heartbeatMs === undefined ? undefined : boundedMs(h, 'heartbeatMs', 10)
       const peerDeadlineMs = h.peerDeadlineMs === undefined ? undefined : boundedMs(h, 'peerDeadlineMs', 1)
+      const layersPerGraph = h.layersPerGraph === undefined ? undefined : int(h, 'layersPerGraph', 0)
       return {
         type: 'plan',
         plan,
         shardIndex,
         threads: int(h, 'threads', 1),
+        ...(layersPerGraph !== undefined ? { layersPerGraph } : {}),
         ...(h.trace ? { trace: true } : {}),
         ...(role !== 'member' ? { role, stageId: stageId as string } : {}),
         ...(links ? { links } : {}),

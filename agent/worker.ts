@@ -123,6 +123,7 @@ export class WorkerAgent {
     let plan: TensorParallelPlan | null = null
     let shardIndex = 0
     let threads = 1
+    let layersPerGraph: number | undefined
     let layers: Partial<Record<WeightName, LinearWeight>>[] = []
     let received = 0
     /** Checks of the current plan's shard load (issue 8): every tensor and load-done is validated against the plan. */
@@ -265,6 +266,7 @@ export class WorkerAgent {
             plan = msg.plan
             shardIndex = msg.shardIndex
             threads = msg.threads
+            layersPerGraph = msg.layersPerGraph
             tracer = msg.trace ? new TraceRecorder() : undefined
             hubLink = tracer ? tracedLink(channel, tracer) : channel
             layers = Array.from({ length: plan.model.nLayers }, () => ({}))
@@ -313,7 +315,7 @@ export class WorkerAgent {
               const store = await openShard(shardDir, { budgetBytes: this.#options.memoryBudgetBytes!, kvCacheBytes: kvCacheBytes(plan, shardIndex) })
               runner = await ShardRunner.create(plan, shardIndex, store, { threads, lowMemory: true })
             } else {
-              runner = await ShardRunner.create(plan, shardIndex, layers.map(toLayerWeights), { threads })
+              runner = await ShardRunner.create(plan, shardIndex, layers.map(toLayerWeights), { threads, ...(layersPerGraph !== undefined ? { layersPerGraph } : {}) })
             }
             layers = []
             overheadBytes = memoryUsage().rssBytes

@@ -140,6 +140,10 @@ function runEmulate(clusterPath: string, plan: string, tag: string, extra: reado
     '--trace',
     tracePath,
     '--quiet',
+    // One graph per attention and FFN block on every peer, stages of one device too: the cost model counts a fixed
+    // overhead per block, and the calibration reads the blocks' spans (whole-layer graphs have one span per layer).
+    '--layers-per-graph',
+    '0',
     ...extra,
   ]
   const loadBefore = loadavg()[0]!

@@ -37,6 +37,8 @@ export interface ClusterFlags extends SecurityFlags {
   bootstrap?: string[]
   discoverTimeout?: number
   threads?: number
+  /** `--layers-per-graph N`: decoder layers per graph on a peer alone in its stage (0: per block). */
+  layersPerGraph?: number
   context?: number
   memoryBudget?: number
   /** `--quantized-matmul exact|int8`. */
@@ -92,6 +94,10 @@ export function addClusterOptions(command: Command): Command {
     )
     .addOption(new Option('--context <n>', 'context length in positions (default: what the model file declares)').argParser(wholeNumber(1)))
     .addOption(new Option('--threads <n>', 'onnxruntime threads per peer (default: cores / local peers)').argParser(wholeNumber(1)))
+    .addOption(
+      new Option('--layers-per-graph <n>', 'decoder layers per onnxruntime graph on a peer alone in its stage (0: one graph per attention and FFN block)')
+        .argParser(wholeNumber(0)),
+    )
     .addOption(
       new Option('--memory-budget <bytes>', 'weights + KV cache per peer (e.g. 512MB, 2GiB); larger shards stream from disk').argParser(byteSize),
     )
@@ -215,6 +221,7 @@ export async function startCluster(flags: ClusterFlags, setup: ClusterSetup = {}
     const cluster = await Cluster.start(model, {
       workers: addresses,
       threads,
+      ...(flags.layersPerGraph !== undefined ? { layersPerGraph: flags.layersPerGraph } : {}),
       ...(flags.quantizedMatmul ? { quantizedMatmul: flags.quantizedMatmul } : {}),
       ...budget,
       ...(flags.trace ? { trace: true } : {}),

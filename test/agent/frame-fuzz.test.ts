@@ -113,7 +113,7 @@ const PLAN_PATHS = [
   'plan.model.maxSeqLen', 'plan.model.qkvBias', 'plan.layers', 'plan.layers.start', 'plan.layers.count', 'plan.ffnBlock',
   'plan.shards', 'plan.shards.1', 'plan.shards.1.index', 'plan.shards.1.kvHeads.start', 'plan.shards.1.kvHeads.count',
   'plan.shards.1.heads.count', 'plan.shards.1.ffnColumns.start', 'plan.shards.1.ffnColumns.count', 'plan.syncPoints',
-  'plan.quantizedMatmul', 'shardIndex', 'threads', 'trace', 'role', 'stageId', 'links',
+  'plan.quantizedMatmul', 'shardIndex', 'threads', 'layersPerGraph', 'trace', 'role', 'stageId', 'links',
 ]
 
 /** What a case sends: byte chunks on one stream of `protocol`; `load` = a full shard load first (then `after`). */
