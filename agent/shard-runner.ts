@@ -35,25 +35,46 @@ export function allreduceTag(step: number, nLayers: number, layer: number, phase
 }
 
 /**
- * Most decoder layers per graph when a peer runs whole layers (see `buildDecoderLayers`). Each session run costs more
- * than its kernels: on TinyLlama-1.1B Q4_0 (22 layers, 2 threads, load average 8-10) one graph per layer took ~30 %
- * more CPU per decoded token than graphs of 4, 8 or 22 layers, which were alike.
+ * Most weight bytes baked into one whole-layer graph (see `buildDecoderLayers`; a layer larger than this gets a graph
+ * of its own). Each session run costs more than its kernels: on TinyLlama-1.1B Q4_0 (22 layers, 2 threads) decode took
+ * 30.0, 29.4, 27.8 and 27.0 ms/token with graphs of 1, 4, 8 and 22 layers, 36.5 with per-block graphs (bench:layouts,
+ * medians of 58 steps, load average 1), so graphs are as large as allowed. A graph is one protobuf, limited to 2 GiB, and building it holds its weights about
+ * three times over (stacked Q/K/V and W1/W3, the protobuf, onnxruntime's copy) until its session exists; a device
+ * short of memory for that sets `layersPerGraph`.
  */
-export const DEFAULT_LAYERS_PER_GRAPH = 8
+export const MAX_GRAPH_WEIGHT_BYTES = 2 ** 30
 
 /**
- * Most weight bytes baked into one whole-layer graph (a layer larger than this gets a graph of its own): a graph is
- * one protobuf, limited to 2 GiB, and building it holds its weights about three times over (stacked Q/K/V and W1/W3,
- * the protobuf, onnxruntime's copy) until the session is created. TinyLlama-1.1B Q4_0 gets graphs of 4 layers.
+ * Sizes of consecutive groups of layers whose weights are `layerBytes` (in order): as few groups as `maxLayers` per
+ * group and `maxBytes` per group allow, of near-equal layer counts (a single layer over `maxBytes` is a group alone).
+ * @example layerGroupSizes(Array(22).fill(27e6), 8, 2 ** 30) // [8, 8, 6]
  */
-export const MAX_GRAPH_WEIGHT_BYTES = 128 * 2 ** 20
+export function layerGroupSizes(layerBytes: readonly number[], maxLayers: number, maxBytes: number): number[] {
+  const total = layerBytes.reduce((a, b) => a + b, 0)
+  const n = Math.max(1, Math.ceil(layerBytes.length / maxLayers), Math.ceil(total / maxBytes))
+  const target = Math.ceil(layerBytes.length / n)
+  const sizes: number[] = []
+  let count = 0
+  let bytes = 0
+  for (const b of layerBytes) {
+    if (count > 0 && (count === target || bytes + b > maxBytes)) {
+      sizes.push(count)
+      count = 0
+      bytes = 0
+    }
+    count++
+    bytes += b
+  }
+  if (count > 0) sizes.push(count)
+  return sizes
+}
 
 /** Options of {@link ShardRunner.create}. */
 export interface ShardRunnerOptions extends RuntimeOptions {
   /**
-   * Most decoder layers per graph for a peer with no allreduce partner and resident weights (default
-   * {@link DEFAULT_LAYERS_PER_GRAPH}, and at most {@link MAX_GRAPH_WEIGHT_BYTES} of weights); 0 keeps one graph per
-   * attention and FFN block, as with partners.
+   * Most decoder layers per graph for a peer with no allreduce partner and resident weights (default: every layer of
+   * the stage, at most {@link MAX_GRAPH_WEIGHT_BYTES} of weights per graph); 0 keeps one graph per attention and FFN
+   * block, as with partners.
    */
   readonly layersPerGraph?: number
 }
@@ -128,8 +149,10 @@ export class ShardRunner {
     weights: readonly LayerShardWeights[] | WeightStore,
     options: ShardRunnerOptions = {},
   ): Promise<ShardRunner> {
-    const perGraph = options.layersPerGraph ?? DEFAULT_LAYERS_PER_GRAPH
-    if (!Number.isInteger(perGraph) || perGraph < 0) throw new RangeError(`cannot put ${perGraph} layers in a graph: need a whole number ≥ 0`)
+    const perGraph = options.layersPerGraph ?? Number.POSITIVE_INFINITY
+    if (options.layersPerGraph !== undefined && (!Number.isInteger(perGraph) || perGraph < 0)) {
+      throw new RangeError(`cannot put ${perGraph} layers in a graph: need a whole number ≥ 0`)
+    }
     const shard = plan.shards[shardIndex]
     if (!shard) throw new RangeError(`cannot run shard ${shardIndex}: the plan has ${plan.shards.length} shards`)
     const m = plan.model
@@ -179,25 +202,24 @@ export class ShardRunner {
       const ffn: (Session | null)[] = Array.from({ length: plan.layers.start }, () => null)
       const end = plan.layers.start + plan.layers.count
       if (perGraph > 0 && plan.shards.length === 1 && attentionShape && ffnShape && attentionKernel(m.headDim) === 'gqa') {
-        // No allreduce partner: whole layers per graph, consecutive layers together up to the count and bytes limits.
-        const groups: LayerGroup[] = []
-        let pending: GraphConstants[] = []
-        let pendingBytes = 0
-        const flush = async (first: number): Promise<void> => {
-          const count = pending.length
-          const name = count === 1 ? `layer ${first}` : `layers ${first}-${first + count - 1}`
-          groups.push({ session: await Session.create(name, buildDecoderLayers(attentionShape, ffnShape, pending), options), first, count })
-          pending = []
-          pendingBytes = 0
-        }
+        // No allreduce partner: whole layers per graph, as few graphs as the count and bytes limits allow.
+        const feedsOf = async (layer: number): Promise<Record<string, HostTensor>> => ({
+          ...attentionWeightFeeds(await store.attention(layer)),
+          ...ffnWeightFeeds(await store.ffn(layer)),
+        })
+        const layerBytes: number[] = []
         for (let layer = plan.layers.start; layer < end; layer++) {
-          const feeds = { ...attentionWeightFeeds(await store.attention(layer)), ...ffnWeightFeeds(await store.ffn(layer)) }
-          const bytes = Object.values(feeds).reduce((sum, t) => sum + t.data.byteLength, 0)
-          if (pending.length > 0 && (pending.length === perGraph || pendingBytes + bytes > MAX_GRAPH_WEIGHT_BYTES)) await flush(layer - pending.length)
-          pending.push(asConstants(feeds))
-          pendingBytes += bytes
+          layerBytes.push(Object.values(await feedsOf(layer)).reduce((sum, t) => sum + t.data.byteLength, 0))
         }
-        await flush(end - pending.length)
+        const groups: LayerGroup[] = []
+        let first = plan.layers.start
+        for (const count of layerGroupSizes(layerBytes, perGraph, MAX_GRAPH_WEIGHT_BYTES)) {
+          const constants: GraphConstants[] = []
+          for (let layer = first; layer < first + count; layer++) constants.push(asConstants(await feedsOf(layer)))
+          const name = count === 1 ? `layer ${first}` : `layers ${first}-${first + count - 1}`
+          groups.push({ session: await Session.create(name, buildDecoderLayers(attentionShape, ffnShape, constants), options), first, count })
+          first += count
+        }
         await store.close()
         return new ShardRunner(plan, shard, null, window, attention, ffn, groups)
       }

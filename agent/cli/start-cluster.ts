@@ -95,7 +95,7 @@ export function addClusterOptions(command: Command): Command {
     .addOption(new Option('--context <n>', 'context length in positions (default: what the model file declares)').argParser(wholeNumber(1)))
     .addOption(new Option('--threads <n>', 'onnxruntime threads per peer (default: cores / local peers)').argParser(wholeNumber(1)))
     .addOption(
-      new Option('--layers-per-graph <n>', 'decoder layers per onnxruntime graph on a peer alone in its stage (0: one graph per attention and FFN block)')
+      new Option('--layers-per-graph <n>', 'most decoder layers per onnxruntime graph on a peer alone in its stage (default: all; 0: one graph per attention and FFN block)')
         .argParser(wholeNumber(0)),
     )
     .addOption(

@@ -1,6 +1,6 @@
 import { join } from 'node:path'
 import { describe, expect, it } from 'vitest'
-import { ShardRunner } from '../../agent/shard-runner.ts'
+import { layerGroupSizes, ShardRunner } from '../../agent/shard-runner.ts'
 import {
   loadModel,
   type ModelDescription,
@@ -54,6 +54,21 @@ async function hiddenStates(
   await Promise.all(runners.map((r) => r.release()))
   return outs[0]!
 }
+
+describe('layerGroupSizes', () => {
+  const tinyllama = Array.from({ length: 22 }, () => 27e6) // bytes per layer of TinyLlama-1.1B Q4_0, about
+  it('makes as few groups as the limits allow, of near-equal sizes', () => {
+    expect(layerGroupSizes(tinyllama, Number.POSITIVE_INFINITY, 2 ** 30)).toEqual([22])
+    expect(layerGroupSizes(tinyllama, 8, 2 ** 30)).toEqual([8, 8, 6])
+    expect(layerGroupSizes(tinyllama, Number.POSITIVE_INFINITY, 512 * 2 ** 20)).toEqual([11, 11])
+    expect(layerGroupSizes(tinyllama, 1, 2 ** 30)).toEqual(Array.from({ length: 22 }, () => 1))
+    expect(layerGroupSizes([5], Number.POSITIVE_INFINITY, 2 ** 30)).toEqual([1])
+  })
+  it('gives a layer over the bytes limit a group of its own', () => {
+    expect(layerGroupSizes([100, 300, 100], Number.POSITIVE_INFINITY, 200)).toEqual([1, 1, 1])
+    expect(layerGroupSizes([50, 50, 300, 50], Number.POSITIVE_INFINITY, 200)).toEqual([2, 1, 1])
+  })
+})
 
 describe.skipIf(!HAVE_MODELS)('ShardRunner with the in-process allreduce', () => {
   it('gives the same hidden states for 1..5 peers within 1e-4 (stories260K, a reference prompt)', async () => {
