@@ -79,6 +79,9 @@ export interface ShardRunnerOptions extends RuntimeOptions {
   readonly layersPerGraph?: number
 }
 
+/** Positions by which the KV cache buffers of the 'gqa' kernel grow. */
+const KV_CAPACITY_STEP = 64
+
 /** A graph of whole decoder layers `first`..`first + count - 1`. */
 interface LayerGroup {
   readonly session: Session
@@ -108,9 +111,11 @@ export class ShardRunner {
   readonly #kernel: AttentionKernel
   // 'gqa': ropeCaches [maxSeqLen, headDim/2] f32; 'ops': ropeTables [maxSeqLen, headDim] f32
   readonly #rope: { cos: Float32Array; sin: Float32Array }
-  // Per layer: [1, kvHeads, cachedLen, headDim] f32 ('gqa' kernel) or [kvHeads, cachedLen, headDim] f32 ('ops')
+  // Per layer, 'gqa' kernel: [1, kvHeads, #capacity, headDim] f32, positions 0..cachedLen-1 of each head first (the
+  // graphs return only each step's K and V, written in here); 'ops': [kvHeads, cachedLen, headDim] f32.
   #pastK: Float32Array[]
   #pastV: Float32Array[]
+  #capacity = 0
   #cachedLen = 0
 
   private constructor(
@@ -250,6 +255,7 @@ export class ShardRunner {
   reset(): void {
     this.#pastK = this.#pastK.map(() => new Float32Array(0))
     this.#pastV = this.#pastV.map(() => new Float32Array(0))
+    this.#capacity = 0
     this.#cachedLen = 0
   }
 
@@ -288,7 +294,8 @@ export class ShardRunner {
         cos_cache: { data: this.#rope.cos, dims: [m.maxSeqLen, hd / 2] },
         sin_cache: { data: this.#rope.sin, dims: [m.maxSeqLen, hd / 2] },
       }
-      pastDims = [1, kvHeads, pos0, hd]
+      this.#reserve(total)
+      pastDims = [1, kvHeads, this.#capacity, hd]
     } else {
       positions = {
         cos: { data: this.#rope.cos.subarray(pos0 * hd, total * hd), dims: [seq, hd] },
@@ -323,8 +330,11 @@ export class ShardRunner {
         })
         if (tracer) tracer.span('attention', 'compute', tc, now(), { layer, step })
         store?.release(layer, 'attention')
-        this.#pastK[layer] = out.present_k!.data as Float32Array
-        this.#pastV[layer] = out.present_v!.data as Float32Array
+        if (this.#kernel === 'gqa') this.#append(layer, out.new_k!.data as Float32Array, out.new_v!.data as Float32Array, pos0, seq)
+        else {
+          this.#pastK[layer] = out.present_k!.data as Float32Array
+          this.#pastV[layer] = out.present_v!.data as Float32Array
+        }
         partial = out.partial!.data as Float32Array
       }
       let t1 = now()
@@ -374,6 +384,40 @@ export class ShardRunner {
     return x
   }
 
+  /**
+   * Grows the 'gqa' KV buffers of the plan's layers to hold `total` positions (in steps of {@link KV_CAPACITY_STEP},
+   * at most maxSeqLen), one layer at a time, keeping positions 0..cachedLen-1 of each head.
+   */
+  #reserve(total: number): void {
+    if (total <= this.#capacity) return
+    const m = this.plan.model
+    const capacity = Math.min(m.maxSeqLen, Math.ceil(total / KV_CAPACITY_STEP) * KV_CAPACITY_STEP)
+    const kvHeads = this.shard.kvHeads.count
+    const hd = m.headDim
+    const grow = (old: Float32Array): Float32Array => {
+      const next = new Float32Array(kvHeads * capacity * hd) // [1, kvHeads, capacity, headDim]
+      for (let h = 0; h < kvHeads; h++) {
+        next.set(old.subarray(h * this.#capacity * hd, (h * this.#capacity + this.#cachedLen) * hd), h * capacity * hd)
+      }
+      return next
+    }
+    for (let layer = this.plan.layers.start; layer < this.plan.layers.start + this.plan.layers.count; layer++) {
+      this.#pastK[layer] = grow(this.#pastK[layer]!)
+      this.#pastV[layer] = grow(this.#pastV[layer]!)
+    }
+    this.#capacity = capacity
+  }
+
+  /** Writes this step's K and V of `layer` ([1, kvHeads, seq, headDim] f32 each) at positions pos0.. of its buffers. */
+  #append(layer: number, newK: Float32Array, newV: Float32Array, pos0: number, seq: number): void {
+    const hd = this.plan.model.headDim
+    const rows = seq * hd
+    for (let h = 0; h < this.shard.kvHeads.count; h++) {
+      this.#pastK[layer]!.set(newK.subarray(h * rows, (h + 1) * rows), (h * this.#capacity + pos0) * hd)
+      this.#pastV[layer]!.set(newV.subarray(h * rows, (h + 1) * rows), (h * this.#capacity + pos0) * hd)
+    }
+  }
+
   /** {@link forward} through whole-layer graphs: no allreduce, residual adds inside the graphs. */
   async #forwardLayers(
     x: Float32Array,
@@ -396,8 +440,7 @@ export class ShardRunner {
       }
       const out = await group.session.run(feeds)
       for (let i = 0; i < group.count; i++) {
-        this.#pastK[group.first + i] = out[`present_k_${i}`]!.data as Float32Array
-        this.#pastV[group.first + i] = out[`present_v_${i}`]!.data as Float32Array
+        this.#append(group.first + i, out[`new_k_${i}`]!.data as Float32Array, out[`new_v_${i}`]!.data as Float32Array, this.#cachedLen, seq)
       }
       x.set(out.y!.data as Float32Array)
       if (tracer) tracer.span('layers', 'compute', t0, now(), { layer: group.first, layers: group.count, step })

@@ -71,14 +71,19 @@ export interface AttentionShardShape {
  * - positions, by kernel (see {@link AttentionKernel}):
  *   - 'gqa': `seqlens_k` [1] int32 = past + seq − 1 (ORT's convention: the index of the last position),
  *     `total_sequence_length` [] int32 = past + seq, `cos_cache` / `sin_cache` [maxSeqLen, headDim/2] f32 (the
- *     whole table, see {@link ropeCaches}); `past_k`, `past_v` [1, kvHeads, past, headDim] f32
+ *     whole table, see {@link ropeCaches}); `past_k`, `past_v` [1, kvHeads, capacity, headDim] f32: the KV cache in
+ *     a buffer of any capacity ≥ past, positions 0..past-1 of each head first (the rest is not read)
  *   - 'ops': `cos`, `sin` [seq, headDim] f32 (rows of {@link ropeTables} for the positions of `x`), `mask`
  *     [seq, total] f32 (additive causal mask, 0 or -Infinity); `past_k`, `past_v` [kvHeads, past, headDim] f32
  * - `attn_norm` [dim] f32; linear weights `wq` [heads*headDim, dim], `wk` / `wv` [kvHeads*headDim, dim],
  *   `wo` [dim, heads*headDim], each dense or quantized per `shape.bits` (see `linear`); `bq`, `bk`, `bv` with qkvBias
  *
- * Outputs: `partial` [seq, dim] f32 (this peer's term of `attention(x) @ Wo^T`), `present_k` / `present_v` (the KV
- * cache with this step appended: [1, kvHeads, total, headDim] for 'gqa', [kvHeads, total, headDim] for 'ops').
+ * Outputs: `partial` [seq, dim] f32 (this peer's term of `attention(x) @ Wo^T`), and
+ * - 'gqa': `new_k` / `new_v` [1, kvHeads, seq, headDim] f32, K (rotated) and V of this step's positions, for the caller
+ *   to write into its cache at positions past..total-1. The whole cache never leaves onnxruntime: onnxruntime-node
+ *   copies every output into a fresh, zero-filled ArrayBuffer, which for the cache cost two passes over it per layer
+ *   and token, plus the garbage collections those buffers set off.
+ * - 'ops': `present_k` / `present_v` [kvHeads, total, headDim] f32, the cache with this step appended.
  * @throws RangeError when the heads do not group over the KV heads, the head size is odd, or 'gqa' is asked for a
  *   head size that is not a multiple of 8
  */
@@ -94,14 +99,14 @@ export function buildAttentionBlock(shape: AttentionShardShape, constants?: Grap
     return g.toBytes()
   }
   checkAttentionShape(shape, 'gqa')
-  const positions = positionInputs(g, shape.headDim)
-  const pastK = g.input('past_k', 'float32', [1, shape.kvHeads, 'past', shape.headDim])
-  const pastV = g.input('past_v', 'float32', [1, shape.kvHeads, 'past', shape.headDim])
+  const positions = positionInputs(g, shape.headDim, x)
+  const pastK = g.input('past_k', 'float32', [1, shape.kvHeads, 'capacity', shape.headDim])
+  const pastV = g.input('past_v', 'float32', [1, shape.kvHeads, 'capacity', shape.headDim])
   const xn = rmsNorm(g, x, param(g, constants, 'attn_norm', 'float32', [shape.dim]), shape.normEps)
   const out = attentionGqa(g, shape, constants, xn, positions, pastK, pastV)
   g.output(out.partial, 'partial', 'float32', ['seq', shape.dim])
-  g.output(out.presentK, 'present_k', 'float32', [1, shape.kvHeads, 'total', shape.headDim])
-  g.output(out.presentV, 'present_v', 'float32', [1, shape.kvHeads, 'total', shape.headDim])
+  g.output(out.newK, 'new_k', 'float32', [1, shape.kvHeads, 'seq', shape.headDim])
+  g.output(out.newV, 'new_v', 'float32', [1, shape.kvHeads, 'seq', shape.headDim])
   return g.toBytes()
 }
 
@@ -116,20 +121,29 @@ function checkAttentionShape(shape: AttentionShardShape, kernel: AttentionKernel
   }
 }
 
-/** Position inputs of the 'gqa' kernel (see {@link buildAttentionBlock}). */
+/** Position inputs of the 'gqa' kernel (see {@link buildAttentionBlock}), and the range of this step's positions. */
 interface PositionInputs {
   readonly seqlensK: string
   readonly total: string
   readonly cosCache: string
   readonly sinCache: string
+  /** [1] int64: past = total − seq, the first position of `x` */
+  readonly first: string
+  /** [1] int64: total */
+  readonly end: string
 }
 
-function positionInputs(g: GraphBuilder, headDim: number): PositionInputs {
+/** Declares the position inputs; `x` [seq, dim] gives seq. */
+function positionInputs(g: GraphBuilder, headDim: number, x: string): PositionInputs {
+  const total = g.input('total_sequence_length', 'int32', [])
+  const end = g.op('Unsqueeze', [g.op('Cast', [total], { to: 7 }), g.i64('axes', [0])])
   return {
     seqlensK: g.input('seqlens_k', 'int32', [1]),
-    total: g.input('total_sequence_length', 'int32', []),
+    total,
     cosCache: g.input('cos_cache', 'float32', ['max_seq', headDim / 2]),
     sinCache: g.input('sin_cache', 'float32', ['max_seq', headDim / 2]),
+    first: g.op('Sub', [end, g.op('Shape', [x], { start: 0, end: 1 })]),
+    end,
   }
 }
 
@@ -166,8 +180,8 @@ function splitQkv(g: GraphBuilder, shape: AttentionShardShape, qkv: readonly str
 }
 
 /**
- * The 'gqa' attention of `xn` [seq, dim] (already normalised): returns the partial [seq, dim] and the KV cache
- * [1, kvHeads, total, headDim] with this step appended.
+ * The 'gqa' attention of `xn` [seq, dim] (already normalised) over the cache `pastK`/`pastV`: returns the partial
+ * [seq, dim] and this step's K (rotated) and V, [1, kvHeads, seq, headDim].
  */
 function attentionGqa(
   g: GraphBuilder,
@@ -177,7 +191,7 @@ function attentionGqa(
   positions: PositionInputs,
   pastK: string,
   pastV: string,
-): { partial: string; presentK: string; presentV: string } {
+): { partial: string; newK: string; newV: string } {
   const { headDim, heads, kvHeads } = shape
   const interleaved = shape.ropeStyle === 'adjacent' ? 1 : 0
   const batch = (t: string): string => g.op('Unsqueeze', [t, g.i64('axes', [0])]) // [seq, n] -> [1, seq, n]
@@ -195,10 +209,8 @@ function attentionGqa(
   } else {
     // RotaryEmbedding with one position id p rotates the rows as positions p, p+1, ...: p = total − seq.
     const [q, k, v] = splitQkv(g, shape, qkv)
-    const total64 = g.op('Cast', [positions.total], { to: 7 })
-    const pos0 = g.op('Sub', [total64, g.op('Shape', [xn], { start: 0, end: 1 })]) // [1] int64
     const rotate = (t: string, n: number): string =>
-      g.node('RotaryEmbedding', [t, pos0, positions.cosCache, positions.sinCache], {
+      g.node('RotaryEmbedding', [t, positions.first, positions.cosCache, positions.sinCache], {
         attrs: { interleaved, num_heads: n },
         domain: 'com.microsoft',
       })[0]!
@@ -208,9 +220,15 @@ function attentionGqa(
       nOutputs: 3,
     })
   }
-  const [ctx, presentK, presentV] = outs as [string, string, string] // ctx [1, seq, heads*headDim]
+  // ctx [1, seq, heads*headDim]; present [1, kvHeads, max(total, capacity), headDim], this step at rows past..total-1
+  const [ctx, presentK, presentV] = outs as [string, string, string]
   const ctxRows = g.op('Reshape', [ctx, g.i64('shape', [-1, heads * headDim])]) // [seq, heads*headDim]
-  return { partial: linear(g, constants, ctxRows, 'wo', shape.dim, heads * headDim, shape.bits.wo, shape.quantizedMatmul), presentK, presentV }
+  const rows = (present: string): string => g.op('Slice', [present, positions.first, positions.end, g.i64('axes', [2])])
+  return {
+    partial: linear(g, constants, ctxRows, 'wo', shape.dim, heads * headDim, shape.bits.wo, shape.quantizedMatmul),
+    newK: rows(presentK),
+    newV: rows(presentV),
+  }
 }
 
 /** The 'ops' attention of `x` [seq, dim]: declares its own inputs (see {@link buildAttentionBlock}). */
@@ -280,9 +298,9 @@ function concatRows(constants: GraphConstants, name: string, parts: readonly str
  * is theirs (f32 adds in the same order).
  *
  * Inputs: `x` [seq, dim] f32; the position inputs of the 'gqa' kernel (see {@link buildAttentionBlock});
- * `past_k_<i>`, `past_v_<i>` [1, kvHeads, past, headDim] f32 for the i-th layer of the graph (from 0).
- * Outputs: `y` [seq, dim] f32 (the hidden state after the last layer), `present_k_<i>`, `present_v_<i>`
- * [1, kvHeads, total, headDim] f32.
+ * `past_k_<i>`, `past_v_<i>` [1, kvHeads, capacity, headDim] f32, the KV cache of the i-th layer of the graph (from 0)
+ * as there. Outputs: `y` [seq, dim] f32 (the hidden state after the last layer), `new_k_<i>`, `new_v_<i>`
+ * [1, kvHeads, seq, headDim] f32, this step's K and V of each layer.
  * @param layers per layer, every weight of its attention and FFN blocks (names as in those blocks), all baked
  * @throws RangeError when a weight is missing, the shapes do not describe whole layers, or the head size does not
  *   suit the 'gqa' kernel
@@ -293,21 +311,21 @@ export function buildDecoderLayers(attention: AttentionShardShape, ffn: FfnShard
   if (ffn.dim !== dim || ffn.normEps !== normEps) throw new RangeError(`cannot build decoder layers: attention width ${dim} and FFN width ${ffn.dim} differ`)
   if (layers.length < 1) throw new RangeError('cannot build decoder layers: no layers given')
   const g = new GraphBuilder('edgeshard_layers')
-  const positions = positionInputs(g, headDim)
   let x = g.input('x', 'float32', ['seq', dim])
+  const positions = positionInputs(g, headDim, x)
   let pending: string | null = null // the last FFN output, still to be added to x
   for (const [i, c] of layers.entries()) {
     const missing = ['attn_norm', 'wq', 'wk', 'wv', 'wo', 'ffn_norm', 'w1', 'w3', 'w2'].filter((n) => !c[n])
     if (missing.length > 0) throw new RangeError(`cannot build decoder layers: layer ${i} lacks weights ${missing.join(', ')}`)
-    const pastK = g.input(`past_k_${i}`, 'float32', [1, kvHeads, 'past', headDim])
-    const pastV = g.input(`past_v_${i}`, 'float32', [1, kvHeads, 'past', headDim])
+    const pastK = g.input(`past_k_${i}`, 'float32', [1, kvHeads, 'capacity', headDim])
+    const pastV = g.input(`past_v_${i}`, 'float32', [1, kvHeads, 'capacity', headDim])
     const attnNorm = param(g, c, 'attn_norm', 'float32', [dim])
     let xn: string
     if (pending) [xn, x] = addRmsNorm(g, x, pending, attnNorm, normEps)
     else xn = rmsNorm(g, x, attnNorm, normEps)
     const a = attentionGqa(g, attention, c, xn, positions, pastK, pastV)
-    g.output(a.presentK, `present_k_${i}`, 'float32', [1, kvHeads, 'total', headDim])
-    g.output(a.presentV, `present_v_${i}`, 'float32', [1, kvHeads, 'total', headDim])
+    g.output(a.newK, `new_k_${i}`, 'float32', [1, kvHeads, 'seq', headDim])
+    g.output(a.newV, `new_v_${i}`, 'float32', [1, kvHeads, 'seq', headDim])
     const [hn, h] = addRmsNorm(g, x, a.partial, param(g, c, 'ffn_norm', 'float32', [dim]), normEps)
     x = h
     pending = swiGlu(g, ffn, c, hn)

@@ -81,7 +81,61 @@ function positionFeeds(kernel: AttentionKernel, shape: AttentionShardShape, pos0
   }
 }
 
-/** Runs `SEQS` through one attention graph; returns per step the partial [seq, dim] and the KV cache after it. */
+/**
+ * A 'gqa' KV cache as the runner keeps it: [1, kvHeads, capacity, headDim] f32 with positions 0..length-1 of each
+ * head first; the graphs read it and return only each step's rows.
+ */
+class KvBuffer {
+  readonly kvHeads: number
+  readonly headDim: number
+  data = new Float32Array(0)
+  capacity = 0
+  length = 0
+
+  constructor(kvHeads: number, headDim: number) {
+    this.kvHeads = kvHeads
+    this.headDim = headDim
+  }
+
+  /** Re-lays the buffer out with room for exactly `capacity` positions (≥ length). */
+  resize(capacity: number): void {
+    const next = new Float32Array(this.kvHeads * capacity * this.headDim)
+    for (let h = 0; h < this.kvHeads; h++) {
+      next.set(this.data.subarray(h * this.capacity * this.headDim, (h * this.capacity + this.length) * this.headDim), h * capacity * this.headDim)
+    }
+    this.data = next
+    this.capacity = capacity
+  }
+
+  /** Appends rows [1, kvHeads, seq, headDim]. */
+  append(rows: Float32Array, seq: number): void {
+    const n = seq * this.headDim
+    for (let h = 0; h < this.kvHeads; h++) this.data.set(rows.subarray(h * n, (h + 1) * n), (h * this.capacity + this.length) * this.headDim)
+    this.length += seq
+  }
+
+  /** Positions 0..length-1: [kvHeads, length, headDim]. */
+  contents(): Float32Array {
+    const out = new Float32Array(this.kvHeads * this.length * this.headDim)
+    for (let h = 0; h < this.kvHeads; h++) {
+      out.set(this.data.subarray(h * this.capacity * this.headDim, (h * this.capacity + this.length) * this.headDim), h * this.length * this.headDim)
+    }
+    return out
+  }
+
+  /** As a graph's `past_k` / `past_v`. */
+  feed(): HostTensor {
+    return { data: this.data, dims: [1, this.kvHeads, this.capacity, this.headDim] }
+  }
+}
+
+/** Capacity of the 'gqa' cache at step `i` of `SEQS`: exactly the positions so far, or room to spare, in turn. */
+const capacityAt = (i: number, total: number): number => (i % 2 === 0 ? total : MAX_SEQ)
+
+/**
+ * Runs `SEQS` through one attention graph; returns per step the partial [seq, dim] and the KV cache after it
+ * ([kvHeads, total, headDim]).
+ */
 async function attentionSteps(
   shape: AttentionShardShape,
   kernel: AttentionKernel,
@@ -90,23 +144,27 @@ async function attentionSteps(
   xs: readonly Float32Array[],
 ): Promise<{ partial: Float32Array; k: Float32Array; v: Float32Array }[]> {
   const session = await Session.create('attention', buildAttentionBlock({ ...shape, kernel }, baked ? asConstants(weights) : undefined))
-  const kvDims = (past: number): number[] => (kernel === 'gqa' ? [1, shape.kvHeads, past, shape.headDim] : [shape.kvHeads, past, shape.headDim])
-  let k: Float32Array = new Float32Array(0)
+  const cache = { k: new KvBuffer(shape.kvHeads, shape.headDim), v: new KvBuffer(shape.kvHeads, shape.headDim) }
+  let k: Float32Array = new Float32Array(0) // 'ops': [kvHeads, past, headDim]
   let v: Float32Array = new Float32Array(0)
   let pos0 = 0
   const out = []
-  for (const x of xs) {
+  for (const [i, x] of xs.entries()) {
     const seq = x.length / DIM
-    const r = await session.run({
-      x: { data: x, dims: [seq, DIM] },
-      ...positionFeeds(kernel, shape, pos0, seq),
-      past_k: { data: k, dims: kvDims(pos0) },
-      past_v: { data: v, dims: kvDims(pos0) },
-      ...(baked ? {} : weights),
-    })
-    k = r.present_k!.data as Float32Array
-    v = r.present_v!.data as Float32Array
-    out.push({ partial: r.partial!.data as Float32Array, k, v })
+    const feeds: Record<string, HostTensor> = { x: { data: x, dims: [seq, DIM] }, ...positionFeeds(kernel, shape, pos0, seq), ...(baked ? {} : weights) }
+    if (kernel === 'gqa') {
+      for (const c of [cache.k, cache.v]) c.resize(capacityAt(i, pos0 + seq))
+      const r = await session.run({ ...feeds, past_k: cache.k.feed(), past_v: cache.v.feed() })
+      expect(r.new_k!.dims).toEqual([1, shape.kvHeads, seq, shape.headDim])
+      cache.k.append(r.new_k!.data as Float32Array, seq)
+      cache.v.append(r.new_v!.data as Float32Array, seq)
+      out.push({ partial: r.partial!.data as Float32Array, k: cache.k.contents(), v: cache.v.contents() })
+    } else {
+      const r = await session.run({ ...feeds, past_k: { data: k, dims: [shape.kvHeads, pos0, shape.headDim] }, past_v: { data: v, dims: [shape.kvHeads, pos0, shape.headDim] } })
+      k = r.present_k!.data as Float32Array
+      v = r.present_v!.data as Float32Array
+      out.push({ partial: r.partial!.data as Float32Array, k, v })
+    }
     pos0 += seq
   }
   await session.release()
@@ -164,32 +222,36 @@ describe('buildDecoderLayers', () => {
         ffn: await Session.create('ffn', buildFfnBlock(fShape, asConstants(l.ffn))),
       })),
     )
-    const kv = (n: number): number[] => [1, a4.kvHeads, n, a4.headDim]
-    const cacheW: { k: Float32Array; v: Float32Array }[] = layers.map(() => ({ k: new Float32Array(0), v: new Float32Array(0) }))
-    const cacheB: { k: Float32Array; v: Float32Array }[] = layers.map(() => ({ k: new Float32Array(0), v: new Float32Array(0) }))
+    const newCache = (): { k: KvBuffer; v: KvBuffer } => ({ k: new KvBuffer(a4.kvHeads, a4.headDim), v: new KvBuffer(a4.kvHeads, a4.headDim) })
+    const cacheW = layers.map(newCache)
+    const cacheB = layers.map(newCache)
     let pos0 = 0
-    for (const x of hiddenStates(40)) {
+    for (const [step, x] of hiddenStates(40).entries()) {
       const seq = x.length / DIM
+      for (const c of [...cacheW, ...cacheB]) for (const b of [c.k, c.v]) b.resize(capacityAt(step, pos0 + seq))
       const positions = positionFeeds('gqa', a4, pos0, seq)
       const feeds: Record<string, HostTensor> = { x: { data: x, dims: [seq, DIM] }, ...positions }
       for (const [i, c] of cacheW.entries()) {
-        feeds[`past_k_${i}`] = { data: c.k, dims: kv(pos0) }
-        feeds[`past_v_${i}`] = { data: c.v, dims: kv(pos0) }
+        feeds[`past_k_${i}`] = c.k.feed()
+        feeds[`past_v_${i}`] = c.v.feed()
       }
       const w = await whole.run(feeds)
       const h = x.slice()
       for (const [i, b] of blocks.entries()) {
-        const a = await b.attention.run({ x: { data: h, dims: [seq, DIM] }, ...positions, past_k: { data: cacheB[i]!.k, dims: kv(pos0) }, past_v: { data: cacheB[i]!.v, dims: kv(pos0) } })
-        cacheB[i] = { k: a.present_k!.data as Float32Array, v: a.present_v!.data as Float32Array }
+        const a = await b.attention.run({ x: { data: h, dims: [seq, DIM] }, ...positions, past_k: cacheB[i]!.k.feed(), past_v: cacheB[i]!.v.feed() })
+        cacheB[i]!.k.append(a.new_k!.data as Float32Array, seq)
+        cacheB[i]!.v.append(a.new_v!.data as Float32Array, seq)
         const ap = a.partial!.data as Float32Array
         for (let j = 0; j < h.length; j++) h[j]! += ap[j]!
         const f = (await b.ffn.run({ h: { data: h, dims: [seq, DIM] } })).partial!.data as Float32Array
         for (let j = 0; j < h.length; j++) h[j]! += f[j]!
       }
       expect(maxAbsDiff(w.y!.data as Float32Array, h)).toBeLessThan(1e-5)
-      for (const [i, c] of cacheB.entries()) {
-        cacheW[i] = { k: w[`present_k_${i}`]!.data as Float32Array, v: w[`present_v_${i}`]!.data as Float32Array }
-        expect(maxAbsDiff(cacheW[i]!.k, c.k)).toBeLessThan(1e-5)
+      for (const [i, c] of cacheW.entries()) {
+        c.k.append(w[`new_k_${i}`]!.data as Float32Array, seq)
+        c.v.append(w[`new_v_${i}`]!.data as Float32Array, seq)
+        expect(maxAbsDiff(c.k.contents(), cacheB[i]!.k.contents())).toBeLessThan(1e-5)
+        expect(maxAbsDiff(c.v.contents(), cacheB[i]!.v.contents())).toBeLessThan(1e-5)
       }
       pos0 += seq
     }
