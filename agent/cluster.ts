@@ -496,7 +496,7 @@ export class Cluster {
         if (writer) {
           const total = await writer.finish()
           writer = null
-          store = await openShard(shardDir, { budgetBytes: budget!, kvCacheBytes: kvCacheBytes(masterPlan, 0) })
+          store = await openShard(shardDir, { budgetBytes: budget!, kvCacheBytes: kvCacheBytes(masterPlan, 0), quantizedMatmul: masterPlan.quantizedMatmul })
           log('master shard: %d bytes on disk', total)
         }
         this.#runner = await ShardRunner.create(masterPlan, 0, store, { threads: options.threads, ...(budget !== undefined ? { lowMemory: true } : {}) })

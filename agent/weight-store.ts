@@ -2,7 +2,16 @@ import { createHash } from 'node:crypto'
 import { type FileHandle, mkdir, open, readFile, rename, rm, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import { logger } from '@libp2p/logger'
-import type { AttentionShardWeights, FfnShardWeights, LayerShardWeights, LinearWeight, WeightBits } from '../splitter/index.ts'
+import {
+  type AttentionShardWeights,
+  blockwiseBytes,
+  blockwiseView,
+  type FfnShardWeights,
+  type LayerShardWeights,
+  nbitsToBlockwise,
+  type StreamedLinearWeight,
+  type WeightBits,
+} from '../splitter/index.ts'
 import type { WeightName } from './protocol.ts'
 
 const log = logger('edgeshard:agent:weights')
@@ -22,8 +31,8 @@ export interface BlockLayout {
  */
 export interface WeightStore {
   readonly layout: BlockLayout
-  attention(layer: number): Promise<AttentionShardWeights>
-  ffn(layer: number): Promise<FfnShardWeights>
+  attention(layer: number): Promise<AttentionShardWeights<StreamedLinearWeight>>
+  ffn(layer: number): Promise<FfnShardWeights<StreamedLinearWeight>>
   release(layer: number, kind: BlockKind): void
   /** Milliseconds spent waiting for blocks that were not loaded yet. */
   readonly ioWaitMs: number
@@ -77,6 +86,8 @@ interface TensorEntry {
   readonly cols: number
   /** Byte offset inside the block (8-byte aligned). */
   readonly offset: number
+  /** 'blockwise': a 4/8-bit weight laid out for streaming (splitter/quant/blockwise.ts); default MatMulNBits. */
+  readonly layout?: 'blockwise'
 }
 
 /** One half-layer block of a shard file. */
@@ -96,6 +107,8 @@ interface ShardIndex {
   readonly version: 1
   readonly layers: number
   readonly blocks: readonly BlockEntry[]
+  /** For a streaming copy (see {@link prepareBlockwise}): the digest of the shard it was made from. */
+  readonly source?: string
 }
 
 const ATTENTION_NAMES: ReadonlySet<WeightName> = new Set(['attn_norm', 'wq', 'wk', 'wv', 'wo', 'bq', 'bk', 'bv'])
@@ -148,8 +161,8 @@ export class ShardFileWriter {
     return new ShardFileWriter(dir, await open(join(dir, 'blocks.bin'), 'w'))
   }
 
-  /** Appends one tensor (a `tensor` frame body). */
-  async add(layer: number, name: WeightName, bits: 32 | 8 | 4, rows: number, cols: number, body: Uint8Array): Promise<void> {
+  /** Appends one tensor (a `tensor` frame body, or with `layout` 'blockwise' a weight laid out for streaming). */
+  async add(layer: number, name: WeightName, bits: 32 | 8 | 4, rows: number, cols: number, body: Uint8Array, layout?: 'blockwise'): Promise<void> {
     const kind: BlockKind = ATTENTION_NAMES.has(name) ? 'attention' : 'ffn'
     if (!this.#current || this.#current.layer !== layer || this.#current.kind !== kind) {
       this.#finishBlock()
@@ -165,7 +178,7 @@ export class ShardFileWriter {
       await this.#file.write(zeros, 0, pad, block.offset + block.bytes)
       block.bytes += pad
     }
-    block.tensors.push({ name, bits, rows, cols, offset: block.bytes })
+    block.tensors.push({ name, bits, rows, cols, offset: block.bytes, ...(layout ? { layout } : {}) })
     block.hash.update(body)
     await this.#file.write(body, 0, body.byteLength, block.offset + block.bytes)
     block.bytes += body.byteLength
@@ -179,12 +192,12 @@ export class ShardFileWriter {
     this.#current = null
   }
 
-  /** Flushes and writes index.json; returns the total bytes of the shard. */
-  async finish(): Promise<number> {
+  /** Flushes and writes index.json (with `source`, see {@link ShardIndex}); returns the total bytes of the shard. */
+  async finish(source?: string): Promise<number> {
     this.#finishBlock()
     await this.#file.sync()
     await this.#file.close()
-    const index: ShardIndex = { version: 1, layers: this.#layers, blocks: this.#blocks }
+    const index: ShardIndex = { version: 1, layers: this.#layers, blocks: this.#blocks, ...(source ? { source } : {}) }
     await writeFile(join(this.dir, 'index.json.tmp'), JSON.stringify(index))
     await rename(join(this.dir, 'index.json.tmp'), join(this.dir, 'index.json'))
     return this.#end
@@ -199,6 +212,28 @@ export interface StreamingOptions {
   readonly kvCacheBytes: number
   /** Check every block's sha256 once at open (default true). */
   readonly verify?: boolean
+  /** How quantized weights' activations are treated (the plan's; default 'exact'): sets the kernels' workspace. */
+  readonly quantizedMatmul?: 'exact' | 'int8'
+}
+
+/**
+ * Bytes the int8 kernel of streamed quantized weights may use for one linear's [in/32, rows, out] int32
+ * intermediate (splitter/graph/llama-blocks.ts 'blockwise-int8'); sets how many rows one graph run takes.
+ */
+export const STREAMED_INTERMEDIATE_BYTES = 4 * 2 ** 20
+
+/**
+ * Working memory of the graphs that apply streamed blocks, charged to the budget next to the window and the KV cache:
+ * the int8 kernel holds about four tensors of {@link STREAMED_INTERMEDIATE_BYTES} at once (int32 products, their f32
+ * cast, two scalings); the exact kernel expands the largest weight to f32 (cast, offset, scaled: up to four f32 copies
+ * of it are live in onnxruntime's allocator, measured on a 1M-weight FFN). Dense weights need none beyond the
+ * runtime's own.
+ */
+function streamingWorkspaceBytes(index: ShardIndex, quantizedMatmul: 'exact' | 'int8'): number {
+  const quantized = index.blocks.flatMap((b) => b.tensors).filter((t) => t.bits !== 32)
+  if (quantized.length === 0) return 0
+  if (quantizedMatmul === 'int8') return 4 * STREAMED_INTERMEDIATE_BYTES
+  return 4 * 4 * Math.max(...quantized.map((t) => t.rows * t.cols))
 }
 
 /**
@@ -240,17 +275,24 @@ export class StreamingStore implements WeightStore {
    * @throws MemoryBudgetError naming the bytes needed when the budget cannot hold 2 blocks plus the KV cache;
    *   ShardFileError naming the block when a checksum fails.
    */
-  static async open(dir: string, options: StreamingOptions): Promise<StreamingStore> {
-    const index = await readIndex(dir)
-    const largest = Math.max(...index.blocks.map((b) => b.bytes))
-    const needed = 2 * largest + options.kvCacheBytes
+  static async open(shardDir: string, options: StreamingOptions): Promise<StreamingStore> {
+    let dir = shardDir
+    let index = await readIndex(dir)
+    const quantized = index.blocks.some((b) => b.tensors.some((t) => t.bits !== 32 && t.layout !== 'blockwise'))
+    // Quantized blocks stream in the blockwise layout (one byte per value): the budget must hold those.
+    const largest = Math.max(...index.blocks.map((b) => (quantized ? blockwiseBlockBytes(b) : b.bytes)))
+    const workspace = streamingWorkspaceBytes(index, options.quantizedMatmul ?? 'exact')
+    const needed = 2 * largest + options.kvCacheBytes + workspace
     if (options.budgetBytes < needed) {
-      throw new MemoryBudgetError(
-        `memory budget of ${options.budgetBytes} bytes is too small: needs ${needed} (2 blocks of ${largest} + KV cache ${options.kvCacheBytes})`,
-        needed,
-      )
+      const parts = [`2 blocks of ${largest}${quantized ? ' as streamed, one byte per quantized weight' : ''}`, `KV cache ${options.kvCacheBytes}`]
+      if (workspace > 0) parts.push(`kernel workspace ${workspace}`)
+      throw new MemoryBudgetError(`memory budget of ${options.budgetBytes} bytes is too small: needs ${needed} (${parts.join(' + ')})`, needed)
     }
-    const window = Math.min(index.blocks.length, Math.floor((options.budgetBytes - options.kvCacheBytes) / largest))
+    if (quantized) {
+      dir = await prepareBlockwise(shardDir, index, options.verify ?? true)
+      index = await readIndex(dir)
+    }
+    const window = Math.min(index.blocks.length, Math.floor((options.budgetBytes - options.kvCacheBytes - workspace) / largest))
     const file = await open(join(dir, 'blocks.bin'), 'r')
     if (options.verify ?? true) {
       const buffer = new Uint8Array(largest)
@@ -266,11 +308,11 @@ export class StreamingStore implements WeightStore {
     return new StreamingStore(file, dir, index, window, align(largest, 64), layout)
   }
 
-  async attention(layer: number): Promise<AttentionShardWeights> {
+  async attention(layer: number): Promise<AttentionShardWeights<StreamedLinearWeight>> {
     return (await this.#acquire(layer, 'attention')).attention!
   }
 
-  async ffn(layer: number): Promise<FfnShardWeights> {
+  async ffn(layer: number): Promise<FfnShardWeights<StreamedLinearWeight>> {
     return (await this.#acquire(layer, 'ffn')).ffn!
   }
 
@@ -330,16 +372,18 @@ export class StreamingStore implements WeightStore {
   }
 }
 
-type LayerBlock = { attention?: AttentionShardWeights; ffn?: FfnShardWeights }
+type LayerBlock = { attention?: AttentionShardWeights<StreamedLinearWeight>; ffn?: FfnShardWeights<StreamedLinearWeight> }
 
 /** Views of one block's tensors on `bytes` (no copy). */
 function blockWeights(b: BlockEntry, bytes: Uint8Array): LayerBlock {
-  const t: Partial<Record<WeightName, LinearWeight>> = {}
+  const t: Partial<Record<WeightName, StreamedLinearWeight>> = {}
   for (const e of b.tensors) {
     const at = bytes.byteOffset + e.offset
     const n = e.rows * e.cols
     if (e.bits === 32) {
       t[e.name] = { bits: 32, rows: e.rows, cols: e.cols, data: new Float32Array(bytes.buffer, at, n) }
+    } else if (e.layout === 'blockwise') {
+      t[e.name] = blockwiseView(e.bits, e.rows, e.cols, new Uint8Array(bytes.buffer, at, blockwiseBytes(e.rows, e.cols)))
     } else {
       const blobBytes = (n * e.bits) / 8
       t[e.name] = {
@@ -365,6 +409,76 @@ function blockWeights(b: BlockEntry, bytes: Uint8Array): LayerBlock {
     }
   }
   return { ffn: { ffn_norm: vec('ffn_norm'), w1: t.w1!, w3: t.w3!, w2: t.w2! } }
+}
+
+/** Bytes of block `b` once its quantized weights are laid out blockwise (8-byte aligned tensors). */
+function blockwiseBlockBytes(b: BlockEntry): number {
+  let bytes = 0
+  for (const t of b.tensors) {
+    bytes = align(bytes, 8) + (t.bits === 32 || t.layout === 'blockwise' ? tensorBytes(t) : blockwiseBytes(t.rows, t.cols))
+  }
+  return bytes
+}
+
+/** Bytes of a stored tensor in its own layout. */
+function tensorBytes(t: TensorEntry): number {
+  const n = t.rows * t.cols
+  if (t.bits === 32) return n * 4
+  if (t.layout === 'blockwise') return blockwiseBytes(t.rows, t.cols)
+  return (n * t.bits) / 8 + (n / 32) * 4
+}
+
+/**
+ * The streaming copy of a shard with quantized weights: `<dir>/blockwise/`, the same blocks with every 4/8-bit weight
+ * laid out blockwise (splitter/quant/blockwise.ts), the layout the sliding window's graphs read (MatMulNBits is only
+ * fast on constant weights). Made once, block by block (one source and one converted block in memory), checked
+ * against the source's digests when reused.
+ * @returns the copy's directory.
+ * @throws ShardFileError as {@link readBlock} for a corrupted source block.
+ */
+async function prepareBlockwise(dir: string, index: ShardIndex, verify: boolean): Promise<string> {
+  const out = join(dir, 'blockwise')
+  const source = createHash('sha256')
+    .update(index.blocks.map((b) => b.sha256).join(','))
+    .digest('hex')
+  try {
+    const existing = JSON.parse(await readFile(join(out, 'index.json'), 'utf8')) as ShardIndex
+    if (existing.source === source) return out
+  } catch {
+    // not made yet (or unreadable): make it
+  }
+  const t0 = performance.now()
+  const file = await open(join(dir, 'blocks.bin'), 'r')
+  const writer = await ShardFileWriter.create(out)
+  try {
+    const buffer = new Uint8Array(align(Math.max(...index.blocks.map((b) => b.bytes)), 8))
+    const converted = new Uint8Array(align(Math.max(...index.blocks.flatMap((b) => b.tensors.map((t) => blockwiseBytes(t.rows, t.cols)))), 8))
+    for (const [i, b] of index.blocks.entries()) {
+      await readBlock(file, dir, index, i, buffer, verify)
+      for (const t of b.tensors) {
+        const body = buffer.subarray(t.offset, t.offset + tensorBytes(t))
+        if (t.bits === 32 || t.layout === 'blockwise') {
+          await writer.add(b.layer, t.name, t.bits, t.rows, t.cols, body, t.layout)
+          continue
+        }
+        const n = t.rows * t.cols
+        const w = {
+          bits: t.bits,
+          rows: t.rows,
+          cols: t.cols,
+          blob: body.subarray(0, (n * t.bits) / 8),
+          scales: new Float32Array(body.buffer, body.byteOffset + (n * t.bits) / 8, n / 32),
+        }
+        nbitsToBlockwise(w, converted)
+        await writer.add(b.layer, t.name, t.bits, t.rows, t.cols, converted.subarray(0, blockwiseBytes(t.rows, t.cols)), 'blockwise')
+      }
+    }
+    const bytes = await writer.finish(source)
+    log('laid %d blocks of %s out for streaming: %d bytes in %d ms', index.blocks.length, dir, bytes, Math.round(performance.now() - t0))
+  } finally {
+    await file.close()
+  }
+  return out
 }
 
 function layoutFromIndex(index: ShardIndex): BlockLayout {

@@ -310,7 +310,7 @@ export class WorkerAgent {
             if (writer) {
               await writer.finish()
               writer = null
-              const store = await openShard(shardDir, { budgetBytes: this.#options.memoryBudgetBytes!, kvCacheBytes: kvCacheBytes(plan, shardIndex) })
+              const store = await openShard(shardDir, { budgetBytes: this.#options.memoryBudgetBytes!, kvCacheBytes: kvCacheBytes(plan, shardIndex), quantizedMatmul: plan.quantizedMatmul })
               runner = await ShardRunner.create(plan, shardIndex, store, { threads, lowMemory: true })
             } else {
               runner = await ShardRunner.create(plan, shardIndex, layers.map(toLayerWeights), { threads })

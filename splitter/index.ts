@@ -76,6 +76,7 @@ export {
   type FfnShardWeights,
   type LayerShardWeights,
   type LinearWeight,
+  type StreamedLinearWeight,
   linearColumns,
   linearRows,
   sliceColumns,
@@ -84,6 +85,7 @@ export {
   toLinearWeight,
   type WeightSource,
 } from './slice.ts'
+export { type BlockwiseWeight, blockwiseBytes, blockwiseView, blockwiseZeroPoint, nbitsToBlockwise } from './quant/blockwise.ts'
 export { ggmlColumnsToNBits, ggmlToNBits, type NBitsWeight, nbitsColumns, nbitsRowF32, nbitsRows } from './quant/matmul-nbits.ts'
 export {
   buildAttentionBlock,
@@ -92,6 +94,8 @@ export {
   type GraphConstants,
   ropeTables,
   type WeightBits,
+  type QuantizedInputs,
+  type QuantizedMatmul,
 } from './graph/llama-blocks.ts'
 export { GraphBuilder } from './graph/onnx-builder.ts'
 export {

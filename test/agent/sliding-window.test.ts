@@ -72,3 +72,32 @@ describe('sliding window on a shard 4× the budget (synthetic model, real proces
     }
   }, 240_000)
 })
+
+describe('sliding window over quantized weights (synthetic Q8_0 model, real processes)', () => {
+  it('streams blockwise blocks with a window of 2 and gives the tokens of resident mode, prefill in row chunks', async () => {
+    const model = join(dir, 'stream-q8.gguf')
+    const synth = await runCli(['synth', '--shape', 'test-stream', '--type', 'q8_0', '--seed', '3', '--out', model, '--quiet'], { timeoutMs: 120_000 })
+    expect(synth.code).toBe(0)
+    // 70 prompt tokens: the int8 kernel takes 32 rows per run for this shape (4 MiB of [16, rows, 2048] int32), so
+    // the prefill runs each block 3 times while it is resident.
+    const prompt = 'the quick brown fox jumps over the lazy dog '.repeat(2)
+    const run = async (label: string, extra: string[]) => {
+      const summary = join(dir, `q8-${label}.json`)
+      const r = await runCli(
+        ['run', '--model', model, '--peers', '1', '--prompt', prompt, '--max-tokens', '8', '--context', '128', '--temperature', '0', '--summary-json', summary, ...extra],
+        { timeoutMs: 120_000 },
+      )
+      expect(r.code).toBe(0)
+      return JSON.parse(readFileSync(summary, 'utf8')) as { promptTokens: number[]; nextTokens: number[]; perPeer: (PeerStats & { overheadBytes: number; peakRssBytes: number })[] }
+    }
+    const resident = await run('resident', [])
+    // Blockwise blocks of 3.5 MB, KV cache 4.7 MB, kernel workspace 16.8 MB: 30 MB holds 2 blocks, not 3.
+    const budgetBytes = 30_000_000
+    const streamed = await run('streamed', ['--memory-budget', String(budgetBytes)])
+    expect(resident.promptTokens.length).toBe(70)
+    expect(resident.perPeer[0]!.window).toBe(16)
+    expect(streamed.perPeer[0]!.window).toBe(2)
+    expect(streamed.nextTokens).toEqual(resident.nextTokens)
+    expect(streamed.perPeer[0]!.peakRssBytes).toBeLessThan(budgetBytes + streamed.perPeer[0]!.overheadBytes)
+  }, 240_000)
+})
