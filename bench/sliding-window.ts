@@ -86,9 +86,20 @@ function groupStats(dir: string): { maxUsageBytes: number; limitHits: number; oo
   return { maxUsageBytes: Number(read('memory.max_usage_in_bytes')), limitHits: Number(read('memory.failcnt')), oomKills: oom ? Number(oom[1]) : 0 }
 }
 
+/** Agents and masters started; killed if the bench is interrupted, so none is left behind. */
+const children = new Set<ChildProcess>()
+for (const signal of ['SIGINT', 'SIGTERM'] as const) {
+  process.once(signal, () => {
+    for (const c of children) c.kill('SIGKILL')
+    process.exit(130)
+  })
+}
+
 function startAgent(extra: readonly string[], group: string | null): Promise<{ address: string; child: ChildProcess }> {
   const [cmd, args] = inGroup(group, [process.execPath, CLI, 'agent', '--listen', '/ip4/127.0.0.1/tcp/0', '--no-identity', ...extra])
   const child = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'ignore'] })
+  children.add(child)
+  child.once('exit', () => children.delete(child))
   return new Promise((resolve, reject) => {
     let out = ''
     child.stdout!.on('data', (b: Buffer) => {
@@ -110,9 +121,13 @@ async function runCluster(tag: string, budget: string | null, limits: readonly n
   const argv = [
     process.execPath, CLI, 'run', '--model', model, '--workers', agents.map((a) => a.address).join(','), '--max-tokens', values.tokens,
     '--context', values.context, '--temperature', '0', '--quiet', '--summary-json', summaryPath, ...budgetArgs,
+    // Loading 4 shards of a 7B model on 2 shared cores stalls event loops for seconds: not a lost peer here.
+    '--peer-deadline', '120000',
   ]
   const [cmd, args] = inGroup(groups?.[0] ?? null, argv)
-  const code = await new Promise<number | null>((resolve) => spawn(cmd, args, { stdio: ['ignore', 'ignore', 'inherit'] }).once('exit', resolve))
+  const master = spawn(cmd, args, { stdio: ['ignore', 'ignore', 'inherit'] })
+  children.add(master)
+  const code = await new Promise<number | null>((resolve) => master.once('exit', resolve))
   for (const a of agents) a.child.kill('SIGTERM')
   await Promise.all(agents.map((a) => (a.child.exitCode !== null ? null : new Promise((r) => a.child.once('exit', r)))))
   const stats = groups?.map(groupStats) ?? null
