@@ -1,4 +1,5 @@
 import { randomBytes } from 'node:crypto'
+import { rm } from 'node:fs/promises'
 import { logger } from '@libp2p/logger'
 import {
   buildOutputHead,
@@ -267,6 +268,8 @@ export class Cluster {
   readonly #replies = new Map<string, { resolve: (frame: Frame) => void; reject: (err: Error) => void }>()
   readonly #tracer: TraceRecorder | undefined
   #overheadBytes = 0
+  /** Default shard directories written by this master, removed at stop. */
+  readonly #ownShardDirs = new Set<string>()
 
   private constructor(
     model: ModelDescription,
@@ -388,6 +391,7 @@ export class Cluster {
         cluster.#closing = true
         clearInterval(cluster.#watchdog)
         await cluster.#runner?.release().catch(() => {})
+        await cluster.#removeShardFiles()
       }
       for (const link of links) link.channel.abort(err as Error)
       await node?.stop()
@@ -461,7 +465,10 @@ export class Cluster {
     const shardDir = options.shardDir ?? defaultShardDir('master')
     let writer: ShardFileWriter | null = null
     try {
-      if (budget !== undefined && masterPlan) writer = await ShardFileWriter.create(shardDir)
+      if (budget !== undefined && masterPlan) {
+        writer = await ShardFileWriter.create(shardDir)
+        if (options.shardDir === undefined) this.#ownShardDirs.add(shardDir)
+      }
       const own: LayerShardWeights[] = Array.from({ length: model.config.nLayers }, () => ({ attention: null, ffn: null }))
       const sent = links.map(() => 0)
       const inStage = (plan: TensorParallelPlan, layer: number): boolean => layer >= plan.layers.start && layer < plan.layers.start + plan.layers.count
@@ -1058,6 +1065,13 @@ export class Cluster {
     await this.#runner?.release()
     for (const a of this.#adopted) await a.runner.release()
     await this.#head.release()
+    await this.#removeShardFiles()
+  }
+
+  /** Removes the shard files this master wrote to the default directory (sliding-window mode). */
+  async #removeShardFiles(): Promise<void> {
+    for (const dir of this.#ownShardDirs) await rm(dir, { recursive: true, force: true }).catch(() => {})
+    this.#ownShardDirs.clear()
   }
 
   #throwIfFailed(): void {

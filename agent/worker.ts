@@ -1,3 +1,4 @@
+import { rm } from 'node:fs/promises'
 import { logger } from '@libp2p/logger'
 import type { LayerShardWeights, LinearWeight, TensorParallelPlan } from '../splitter/index.ts'
 import {
@@ -378,6 +379,8 @@ export class WorkerAgent {
       await stage?.close(failure)
       for (const l of links) this.#shapers.delete(l.peer)
       await runner?.release()
+      // The shard on disk belongs to this session's plan: a default directory goes with it.
+      if (shardDir && this.#options.shardDir === undefined) await rm(shardDir, { recursive: true, force: true }).catch(() => {})
       // a master that ended gracefully without `bye` would otherwise leave our half of the stream open for good
       await channel.close().catch(() => {})
       log('master %s disconnected', peer)
