@@ -128,6 +128,7 @@ interface AgentFlags extends SecurityFlags {
   listen: string[]
   exitWithParent?: boolean
   memoryBudget?: number
+  shardDir?: string
   mdns: boolean
 }
 
@@ -160,6 +161,7 @@ async function agent(flags: AgentFlags): Promise<void> {
     // Announced on the LAN unless --no-mdns or only reachable on loopback (local workers of `run --peers`).
     mdns: flags.mdns && flags.listen.some((a) => !LOOPBACK.test(a)),
     ...(flags.memoryBudget === undefined ? {} : { memoryBudgetBytes: flags.memoryBudget }),
+    ...(flags.shardDir === undefined ? {} : { shardDir: flags.shardDir }),
     onSessionEnd: (peer, error) => {
       if (error) process.stderr.write(`edgeshard agent: session with master ${peer} ended: ${error.message}\n`)
       if (flags.exitWithParent) void shutdown(error ? 1 : 0)
@@ -215,6 +217,7 @@ const agentCommand = program
   .option('--listen <addr>', 'multiaddr to listen on (repeatable, comma-separated)', collect)
   .option('--exit-with-parent', 'exit when the master session ends or stdin closes (used for local workers)')
   .addOption(new Option('--memory-budget <bytes>', 'bytes for weights + KV cache (e.g. 300MB); larger shards stream from disk').argParser(byteSize))
+  .option('--shard-dir <dir>', 'where --memory-budget stores shard files, kept after the session (default: a temporary folder removed with it)')
   .option('--no-mdns', 'do not announce this agent on the LAN (mDNS); masters then need its address')
 addSecurityOptions(agentCommand).action((flags: Omit<AgentFlags, 'listen'> & { listen?: string[] }) =>
   agent({ ...flags, listen: flags.listen ?? ['/ip4/0.0.0.0/tcp/0'] }),

@@ -39,6 +39,8 @@ export interface ClusterFlags extends SecurityFlags {
   threads?: number
   context?: number
   memoryBudget?: number
+  /** `--shard-dir DIR`: where the master's shard files go with --memory-budget (kept). */
+  shardDir?: string
   /** `--quantized-matmul exact|int8`. */
   quantizedMatmul?: 'exact' | 'int8'
   /** `--pin-cores`: local peers each on their own core (master on core 0, worker i on core i mod cores). */
@@ -95,6 +97,7 @@ export function addClusterOptions(command: Command): Command {
     .addOption(
       new Option('--memory-budget <bytes>', 'weights + KV cache per peer (e.g. 512MB, 2GiB); larger shards stream from disk').argParser(byteSize),
     )
+    .option('--shard-dir <dir>', "where the master's shard files go with --memory-budget, kept after the run (default: a temporary folder removed at exit)")
     .addOption(
       new Option('--quantized-matmul <mode>', 'activations of Q4_0/Q8_0 matmuls: int8 blocks as llama.cpp (faster), or exact f32')
         .choices(['exact', 'int8'])
@@ -217,6 +220,7 @@ export async function startCluster(flags: ClusterFlags, setup: ClusterSetup = {}
       threads,
       ...(flags.quantizedMatmul ? { quantizedMatmul: flags.quantizedMatmul } : {}),
       ...budget,
+      ...(flags.shardDir === undefined ? {} : { shardDir: flags.shardDir }),
       ...(flags.trace ? { trace: true } : {}),
       transport,
       plan,

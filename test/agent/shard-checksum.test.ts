@@ -3,7 +3,7 @@
  * a sha256 per half-layer block; one flipped byte anywhere in a block, or a truncated file, is detected when the shard
  * is opened and named: the file, the layer, the block (kind, position, byte range) and both digests.
  */
-import { existsSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs'
+import { existsSync, mkdtempSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
@@ -19,7 +19,6 @@ interface Block {
 }
 
 /** Where `defaultShardDir` puts a process's shard (agent/shard-encoding.ts). */
-const shardRoot = join(tmpdir(), 'edgeshard-shards')
 
 /** Budgets that open `dir` fully resident and as a sliding window of 2 blocks (both verify every block at open). */
 function budgets(dir: string): number[] {
@@ -55,17 +54,20 @@ describe.skipIf(!HAVE_MODELS)('shard files written with --memory-budget', () => 
   let dirs: { role: string; dir: string }[] = []
 
   beforeAll(async () => {
-    agent = await startAgent(30_000, ['--memory-budget', '400kB'])
+    // Kept after the run because they are given (--shard-dir); default folders go with the session.
+    const root = mkdtempSync(join(tmpdir(), 'edgeshard-checksum-'))
+    agent = await startAgent(30_000, ['--memory-budget', '400kB', '--shard-dir', join(root, 'worker')])
     const c = referenceCases()[1]!
-    let masterPid = 0
     const r = await runCli(
-      ['run', '--model', join(MODELS_DIR, 'stories260K.bin'), '--prompt', c.prompt, '--workers', agent.address, '--context', '64', '--memory-budget', '400kB', '--max-tokens', '8', '--no-identity'],
-      { onSpawn: (child) => (masterPid = child.pid!) },
+      [
+        'run', '--model', join(MODELS_DIR, 'stories260K.bin'), '--prompt', c.prompt, '--workers', agent.address, '--context', '64',
+        '--memory-budget', '400kB', '--max-tokens', '8', '--no-identity', '--shard-dir', join(root, 'master'),
+      ],
     )
     expect(r.code, r.stderr).toBe(0)
     dirs = [
-      { role: 'master', dir: join(shardRoot, `master-${masterPid}`) },
-      { role: 'worker', dir: join(shardRoot, `worker-${agent.child.pid}`, 'shard-1') },
+      { role: 'master', dir: join(root, 'master') },
+      { role: 'worker', dir: join(root, 'worker', 'shard-1') },
     ]
     for (const { dir } of dirs) expect(existsSync(join(dir, 'index.json')), dir).toBe(true)
   }, 90_000)

@@ -1,4 +1,4 @@
-import { mkdtempSync, readFileSync } from 'node:fs'
+import { existsSync, mkdtempSync, readFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { describe, expect, it } from 'vitest'
@@ -83,11 +83,14 @@ describe('sliding window over quantized weights (synthetic Q8_0 model, real proc
     const prompt = 'the quick brown fox jumps over the lazy dog '.repeat(2)
     const run = async (label: string, extra: string[]) => {
       const summary = join(dir, `q8-${label}.json`)
+      let pid = 0
       const r = await runCli(
         ['run', '--model', model, '--peers', '1', '--prompt', prompt, '--max-tokens', '8', '--context', '128', '--temperature', '0', '--summary-json', summary, ...extra],
-        { timeoutMs: 120_000 },
+        { timeoutMs: 120_000, onSpawn: (child) => (pid = child.pid!) },
       )
       expect(r.code).toBe(0)
+      // The shard files of the default folder (and their blockwise copy) go with the run.
+      expect(existsSync(join(tmpdir(), 'edgeshard-shards', `master-${pid}`))).toBe(false)
       return JSON.parse(readFileSync(summary, 'utf8')) as { promptTokens: number[]; nextTokens: number[]; perPeer: (PeerStats & { overheadBytes: number; peakRssBytes: number })[] }
     }
     const resident = await run('resident', [])
