@@ -269,6 +269,8 @@ export class WorkerAgent {
             hubLink = tracer ? tracedLink(channel, tracer) : channel
             layers = Array.from({ length: plan.model.nLayers }, () => ({}))
             received = 0
+            links = msg.links ?? []
+            peerDeadlineMs = msg.peerDeadlineMs
             await stage?.close()
             stage =
               msg.role === 'leader'
@@ -276,8 +278,6 @@ export class WorkerAgent {
                 : msg.role === 'stage-member'
                   ? new StageMember(session(), this.#stages, msg.stageId!, shardIndex)
                   : null
-            links = msg.links ?? []
-            peerDeadlineMs = msg.peerDeadlineMs
             if (msg.heartbeatMs !== undefined) startHeartbeat(msg.heartbeatMs)
             if (this.#options.memoryBudgetBytes !== undefined) {
               shardDir = join(this.#options.shardDir ?? defaultShardDir('worker'), `shard-${shardIndex}`)
