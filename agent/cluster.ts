@@ -40,6 +40,8 @@ import {
   TENSOR_PARALLEL_PROTOCOL,
   TransportNode,
   type TransportNodeOptions,
+  WIRE_DTYPES,
+  type WireDtype,
 } from '../transport/index.ts'
 import { PeerFailedError } from './errors.ts'
 import { checkDistinctWorkers } from './membership.ts'
@@ -113,6 +115,12 @@ export interface ClusterOptions {
   readonly shardDir?: string
   /** Activations of Q4_0/Q8_0 matmuls: 'exact' f32 (default) or 'int8' blocks (llama.cpp's arithmetic, faster). */
   readonly quantizedMatmul?: 'exact' | 'int8'
+  /**
+   * Element type of the allreduce partials and sums on the wire, for every hub and member of every stage: 'f32'
+   * (default, exact) or 'f16' (half the bytes; each crossing rounds to binary16, see transport/allreduce.ts).
+   * Hidden states between stages stay f32.
+   */
+  readonly wireDtype?: WireDtype
   /** Called after each layer has been sliced and sent to every peer (for progress bars). */
   readonly onLayerDistributed?: (layer: number, layers: number) => void
   /** Record trace spans on every peer (see trace.ts and {@link Cluster.trace}). Default false. */
@@ -234,6 +242,7 @@ export class Cluster {
   readonly #recover: boolean
   readonly #strategy: 'adopt' | 'even'
   readonly #deadlineMs: number
+  readonly #wireDtype: WireDtype
   readonly #node: TransportNode | null
   /** Workers in the cluster (a lost one stays until the next recovery handles it). */
   #links: WorkerLink[]
@@ -287,6 +296,7 @@ export class Cluster {
     this.#recover = options.recover ?? true
     this.#strategy = options.recovery ?? 'adopt'
     this.#deadlineMs = options.peerDeadlineMs ?? DEFAULT_PEER_DEADLINE_MS
+    this.#wireDtype = options.wireDtype ?? 'f32'
     this.#clusterPlan = clusterPlan
     this.#plan = masterPlanOf(clusterPlan)
     this.#node = node
@@ -301,7 +311,8 @@ export class Cluster {
   /**
    * Plans the model over the master plus `options.workers` (or checks `options.plan`), dials every worker the plan
    * uses, sends plans and shards, loads the master's own shard, and connects the stages without the master.
-   * @throws RangeError from the planner or the plan check (before any socket opens); DialError naming an unreachable
+   * @throws RangeError from the planner or the plan check, TypeError for an unknown `wireDtype` (both before any
+   *   socket opens); DialError naming an unreachable
    *   worker; PeerFailedError when a worker refuses its shard or a leader cannot reach its members; MemoryBudgetError
    *   when a worker's budget cannot hold its share.
    */
@@ -312,6 +323,9 @@ export class Cluster {
       : tensorParallelClusterPlan(model.config, nDevices, { ...planConstraints(model), quantizedMatmul: options.quantizedMatmul ?? 'exact' })
     if (options.peerDeadlineMs !== undefined && !(Number.isFinite(options.peerDeadlineMs) && options.peerDeadlineMs > 0)) {
       throw new RangeError(`peer deadline must be a positive number of ms, got ${options.peerDeadlineMs}`)
+    }
+    if (options.wireDtype !== undefined && !WIRE_DTYPES.includes(options.wireDtype)) {
+      throw new TypeError(`invalid wire dtype ${JSON.stringify(options.wireDtype)}: expected ${WIRE_DTYPES.join(' or ')}`)
     }
     const source = new ModelWeights(model)
     let node: TransportNode | null = null
@@ -456,6 +470,7 @@ export class Cluster {
           ...(emulatedLinks.length > 0 ? { links: emulatedLinks } : {}),
           heartbeatMs,
           peerDeadlineMs: Math.max(1, Math.round(this.#deadlineMs)),
+          wireDtype: this.#wireDtype,
         }).catch(refused(l))
       }),
     )
@@ -548,7 +563,7 @@ export class Cluster {
     const tracer = this.#tracer
     this.#hub =
       local && local.members.length > 0
-        ? new StarAllreduceHub(local.members.map((l) => (tracer ? tracedLink(l.channel, tracer) : l.channel)), { deadlineMs: this.#deadlineMs })
+        ? new StarAllreduceHub(local.members.map((l) => (tracer ? tracedLink(l.channel, tracer) : l.channel)), { deadlineMs: this.#deadlineMs, wireDtype: this.#wireDtype })
         : null
     this.#stages = stages
     this.#clusterPlan = clusterPlan
@@ -573,6 +588,11 @@ export class Cluster {
   /** The master's tracer when started with `trace: true` (for spans such as tokens), else undefined. */
   get tracer(): Tracer | undefined {
     return this.#tracer
+  }
+
+  /** Element type of the allreduce tensors on the wire (`ClusterOptions.wireDtype`). */
+  get wireDtype(): WireDtype {
+    return this.#wireDtype
   }
 
   /** Positions in the KV cache. */
@@ -839,7 +859,7 @@ export class Cluster {
           for (const [i, l] of survivors.entries()) l.hubIndex = i
           this.#hub =
             survivors.length > 0
-              ? new StarAllreduceHub(survivors.map((l) => (tracer ? tracedLink(l.channel, tracer) : l.channel)), { deadlineMs: this.#deadlineMs })
+              ? new StarAllreduceHub(survivors.map((l) => (tracer ? tracedLink(l.channel, tracer) : l.channel)), { deadlineMs: this.#deadlineMs, wireDtype: this.#wireDtype })
               : null
           this.#stages = [{ kind: 'local', plan: this.#clusterPlan.stages[0]!, members: survivors }]
           reshardMs += performance.now() - t

@@ -11,6 +11,7 @@ import {
   TENSOR_PARALLEL_PROTOCOL,
   TransportNode,
   type TransportNodeOptions,
+  type WireDtype,
 } from '../transport/index.ts'
 import { join } from 'node:path'
 import { memoryUsage } from './memory.ts'
@@ -118,8 +119,12 @@ export class WorkerAgent {
     // Tracing (the plan says so): allreduce sends go through a traced link; otherwise straight to the channel.
     let tracer: TraceRecorder | undefined
     let hubLink: AllreduceLink = channel
-    const newMember = (): StarAllreduceMember => new StarAllreduceMember({ peer: channel.peer, send: (header, body) => hubLink.send(header, body) })
-    // One allreduce member per epoch: `abort` fails the old one (its passes are stale) and starts a fresh one.
+    // Element type of the partials sent to the master: the plan's (f32 until a plan says otherwise).
+    let wireDtype: WireDtype = 'f32'
+    const newMember = (): StarAllreduceMember =>
+      new StarAllreduceMember({ peer: channel.peer, send: (header, body) => hubLink.send(header, body) }, { wireDtype })
+    // One allreduce member per epoch: `abort` fails the old one (its passes are stale) and starts a fresh one; so does
+    // a plan with another wire dtype.
     let member = newMember()
     let plan: TensorParallelPlan | null = null
     let shardIndex = 0
@@ -259,8 +264,15 @@ export class WorkerAgent {
           case 'plan':
             intake = new ShardIntake(msg.plan, msg.shardIndex, {
               threads: msg.threads,
+              wireDtype: msg.wireDtype,
               ...(this.#options.memoryBudgetBytes === undefined ? {} : { memoryBytes: this.#options.memoryBudgetBytes }),
             })
+            if (intake.wireDtype !== wireDtype) {
+              wireDtype = intake.wireDtype
+              const old = member
+              member = newMember()
+              old.fail(new Error(`the plan of master ${peer} changed the wire dtype to ${wireDtype}`))
+            }
             if (writer) await writer.finish().catch(() => {}) // a load cut short by a new plan: close its file
             writer = null
             plan = msg.plan
@@ -270,15 +282,15 @@ export class WorkerAgent {
             hubLink = tracer ? tracedLink(channel, tracer) : channel
             layers = Array.from({ length: plan.model.nLayers }, () => ({}))
             received = 0
+            links = msg.links ?? []
+            peerDeadlineMs = msg.peerDeadlineMs
             await stage?.close()
             stage =
               msg.role === 'leader'
-                ? new StageLeader(session(), msg.stageId!, peerDeadlineMs === undefined ? {} : { peerDeadlineMs, model: msg.plan.model })
+                ? new StageLeader(session(), msg.stageId!, { wireDtype, ...(peerDeadlineMs === undefined ? {} : { peerDeadlineMs, model: msg.plan.model }) })
                 : msg.role === 'stage-member'
-                  ? new StageMember(session(), this.#stages, msg.stageId!, shardIndex)
+                  ? new StageMember(session(), this.#stages, msg.stageId!, shardIndex, { wireDtype })
                   : null
-            links = msg.links ?? []
-            peerDeadlineMs = msg.peerDeadlineMs
             if (msg.heartbeatMs !== undefined) startHeartbeat(msg.heartbeatMs)
             if (this.#options.memoryBudgetBytes !== undefined) {
               shardDir = join(this.#options.shardDir ?? defaultShardDir('worker'), `shard-${shardIndex}`)

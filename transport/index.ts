@@ -8,6 +8,7 @@ export {
   createInProcessAllreduce,
   StarAllreduceHub,
   StarAllreduceMember,
+  WIRE_DTYPES,
 } from './allreduce.ts'
 export type { ChannelRemote, ChannelStream, FramedChannelOptions } from './channel.ts'
 export { CLOSE_FRAME_TYPE, FramedChannel } from './channel.ts'

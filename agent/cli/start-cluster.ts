@@ -7,7 +7,7 @@ import { cpus } from 'node:os'
 import { fileURLToPath } from 'node:url'
 import { type Command, Option } from 'commander'
 import { type ClusterPlan, loadModel, type ModelDescription } from '../../splitter/index.ts'
-import type { LinkEmulation } from '../../transport/index.ts'
+import { type LinkEmulation, WIRE_DTYPES, type WireDtype } from '../../transport/index.ts'
 import { Cluster, type RecoveryReport } from '../cluster.ts'
 import { type DiscoverOptions, discoverAgents } from '../discovery.ts'
 import { DiscoveryError, UsageError } from '../errors.ts'
@@ -43,6 +43,8 @@ export interface ClusterFlags extends SecurityFlags {
   shardDir?: string
   /** `--quantized-matmul exact|int8`. */
   quantizedMatmul?: 'exact' | 'int8'
+  /** `--wire-dtype f32|f16`: element type of allreduce tensors on the wire (see ClusterOptions.wireDtype). */
+  wireDtype?: WireDtype
   /** `--pin-cores`: local peers each on their own core (master on core 0, worker i on core i mod cores). */
   pinCores?: boolean
   quiet?: boolean
@@ -102,6 +104,11 @@ export function addClusterOptions(command: Command): Command {
       new Option('--quantized-matmul <mode>', 'activations of Q4_0/Q8_0 matmuls: int8 blocks as llama.cpp (faster), or exact f32')
         .choices(['exact', 'int8'])
         .default('int8'),
+    )
+    .addOption(
+      new Option('--wire-dtype <dtype>', 'allreduce partials and sums on the wire: f32 (exact) or f16 (half the bytes, rounded; see the README)')
+        .choices(WIRE_DTYPES)
+        .default('f32'),
     )
     .option('--pin-cores', 'pin each local peer to its own core (Linux taskset; master on core 0)')
     .option('--quiet', 'no status lines or progress bars on stderr')
@@ -219,6 +226,7 @@ export async function startCluster(flags: ClusterFlags, setup: ClusterSetup = {}
       workers: addresses,
       threads,
       ...(flags.quantizedMatmul ? { quantizedMatmul: flags.quantizedMatmul } : {}),
+      ...(flags.wireDtype ? { wireDtype: flags.wireDtype } : {}),
       ...budget,
       ...(flags.shardDir === undefined ? {} : { shardDir: flags.shardDir }),
       ...(flags.trace ? { trace: true } : {}),
@@ -243,7 +251,8 @@ export async function startCluster(flags: ClusterFlags, setup: ClusterSetup = {}
     })
     progress.done()
     status(
-      `${model.path} on ${nPeers} peer${nPeers > 1 ? 's' : ''} (${describePlan(cluster.clusterPlan)}), loaded in ${(performance.now() - loadStart).toFixed(0)} ms`,
+      `${model.path} on ${nPeers} peer${nPeers > 1 ? 's' : ''} (${describePlan(cluster.clusterPlan)}; ${cluster.wireDtype} on the wire), ` +
+        `loaded in ${(performance.now() - loadStart).toFixed(0)} ms`,
     )
     await setup.onStarted?.(cluster).catch(async (err: unknown) => {
       await cluster.stop().catch(() => {})

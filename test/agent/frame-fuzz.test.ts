@@ -114,6 +114,7 @@ const PLAN_PATHS = [
   'plan.shards', 'plan.shards.1', 'plan.shards.1.index', 'plan.shards.1.kvHeads.start', 'plan.shards.1.kvHeads.count',
   'plan.shards.1.heads.count', 'plan.shards.1.ffnColumns.start', 'plan.shards.1.ffnColumns.count', 'plan.syncPoints',
   'plan.quantizedMatmul', 'shardIndex', 'threads', 'trace', 'role', 'stageId', 'links',
+  'wireDtype',
 ]
 
 /** What a case sends: byte chunks on one stream of `protocol`; `load` = a full shard load first (then `after`). */

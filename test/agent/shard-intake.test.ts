@@ -57,6 +57,17 @@ describe('ShardIntake', () => {
     expect(errorOf(() => new ShardIntake(plan, 1, { threads: 1e6 })).name).toBe('ProtocolError')
   })
 
+  it('takes the wire dtype of the plan frame: absent = f32, f32 or f16; anything else is refused naming it', () => {
+    expect(new ShardIntake(plan, 1).wireDtype).toBe('f32')
+    expect(new ShardIntake(plan, 1, { wireDtype: 'f32' }).wireDtype).toBe('f32')
+    expect(new ShardIntake(plan, 1, { wireDtype: 'f16' }).wireDtype).toBe('f16')
+    for (const [value, shown] of [['bf16', '"bf16"'], ['F16', '"F16"'], [16, '16'], [null, 'null'], [{ f16: true }, '{"f16":true}']] as const) {
+      const err = errorOf(() => new ShardIntake(plan, 1, { wireDtype: value }))
+      expect(err.name).toBe('ProtocolError')
+      expect(err.message).toBe(`frame plan: wireDtype must be f32 or f16, got ${shown}`)
+    }
+  })
+
   it('refuses a tensor outside the plan, of another shape or size, twice, or a short load-done', () => {
     const intake = new ShardIntake(plan, 1)
     const msg = (fields: Parameters<typeof tensor>[0], bytes: number): string => errorOf(() => intake.tensor(tensor(fields), bytes)).message
