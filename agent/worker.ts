@@ -16,6 +16,7 @@ import { memoryUsage } from './memory.ts'
 import { type ForwardHeader, StageLeader, StageMember, StageRegistry, type StageRole, type StageSession } from './stage-worker.ts'
 import { type EmulatedLink, type MasterMessage, ProtocolError, parseMasterMessage, tensorBodyBytes, VECTOR_NAMES, type WeightName, type WorkerStats } from './protocol.ts'
 import { defaultShardDir, kvCacheBytes } from './shard-encoding.ts'
+import { serveSurvey } from './link-survey.ts'
 import { deviceProfile, serveInfo } from './peer-info.ts'
 import { checkAllreduceFrame, checkForwardFrame, ShardIntake } from './shard-intake.ts'
 import { allreduceTag, type ForwardTimings, ShardRunner } from './shard-runner.ts'
@@ -56,6 +57,11 @@ export interface WorkerOptions {
    * TransportNodeOptions). Default: a fresh key, anyone admitted.
    */
   readonly transport?: Pick<TransportNodeOptions, 'privateKey' | 'membership' | 'onSelfDiscovered'>
+  /**
+   * Loads this device's cached measurement (for its present CPU quota) or measures it now, and publishes it, for a
+   * master's survey (agent/link-survey.ts). Absent: the agent refuses to measure.
+   */
+  readonly measure?: () => Promise<{ readonly cached: boolean }>
 }
 
 /**
@@ -96,6 +102,7 @@ export class WorkerAgent {
     })
     await this.#node.handle(STAGE_PROTOCOL, (channel) => this.#stages.accept(channel))
     await serveInfo(this.#node, () => deviceProfile(this.#sessions > 0))
+    await serveSurvey(this.#node, { shapers: this.#shapers, ...(this.#options.measure ? { measure: this.#options.measure } : {}) })
   }
 
   /** Full multiaddrs (with `/p2p/<peer id>`) masters can dial. */
