@@ -23,7 +23,8 @@ export const PLAN_KINDS = ['tp', 'pipeline', 'hybrid', 'auto'] as const
 /** Help text of `--plan`. */
 export const PLAN_HELP =
   'cluster plan: tp (tensor parallel; the default of run and serve), pipeline (one device per layer range), hybrid (pairs of devices ' +
-  'tensor-parallel, pipelined), auto (the planner; needs device profiles; the default of emulate), or stages such as 0+1:2,2+3:3 ' +
+  'tensor-parallel, pipelined), auto (the planner: on the cluster file in emulate, where it is the default; elsewhere on the agents\' ' +
+  'published measurements and measured links), or stages such as 0+1:2,2+3:3 ' +
   '(devices joined by +, a colon, its layer count; device 0 = this master, i = worker i)'
 
 /** The flags this module reads. */

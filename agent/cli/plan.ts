@@ -7,6 +7,7 @@ import { basename } from 'node:path'
 import { type Command, Option } from 'commander'
 import { type ClusterSpec, clusterLink, readClusterFile } from '../../devices/index.ts'
 import {
+  type ClusterPlan,
   type ClusterPlanChoice,
   type ClusterPlanInput,
   loadModel,
@@ -51,6 +52,15 @@ export function clusterPlanInput(
       ...(options.quantizedMatmul === undefined ? {} : { quantizedMatmul: options.quantizedMatmul }),
     },
   }
+}
+
+/**
+ * The planner's choice for the devices and links of `spec` (their profiles' decode rates and memory budgets), as
+ * `edgeshard plan` makes it.
+ * @throws InsufficientMemoryError (from the planner) when no plan fits the budgets
+ */
+export function plannedFor(spec: ClusterSpec, model: ModelDescription, quantizedMatmul: 'exact' | 'int8' = 'exact'): ClusterPlan {
+  return planClusterChoice(clusterPlanInput(model, spec, { quantizedMatmul })).chosen
 }
 
 async function plan(flags: PlanFlags): Promise<void> {
