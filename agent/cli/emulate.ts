@@ -107,6 +107,7 @@ export async function emulate<F extends EmulateFlags>(flags: F, run: (flags: F, 
     const setup: ClusterSetup = {
       links,
       deviceNames: spec.devices.map((d) => d.name),
+      deviceBudgets: spec.devices.map((d) => d.memoryBudgetBytes),
       measuredProfiles: flags.profiles === 'measured',
       // Measured links (--probe-links) and profiles (--profiles measured) replace the file's; budgets stay the file's.
       autoPlan: (model, _nDevices, survey) =>

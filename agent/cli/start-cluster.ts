@@ -18,6 +18,7 @@ import { loadTokenizer, type MasterTokenizer } from '../tokenizer/load-tokenizer
 import { byteSize, collect, wholeNumber } from './arguments.ts'
 import { createClusterProgress } from './cluster-progress.ts'
 import type { ClusterSurvey } from '../link-survey.ts'
+import { checkPlanFits } from '../plan-fit.ts'
 import { surveyedClusterSpec } from '../surveyed-cluster.ts'
 import { surveyForPlanning } from './cluster-survey.ts'
 import { plannedFor } from './plan.ts'
@@ -81,8 +82,10 @@ export interface ClusterSetup {
   readonly autoPlan?: (model: ModelDescription, nDevices: number, survey?: ClusterSurvey) => ClusterPlan
   /** `--plan auto` wants every device's published measurement (`emulate --profiles measured`). */
   readonly measuredProfiles?: boolean
-  /** Device names for messages (0 = master); default `master`, `worker-1`, … */
+  /** Device names (0 = master), checked against a plan file's; default `master`, `worker-1`, … (not checked). */
   readonly deviceNames?: readonly string[]
+  /** Each device's memory budget (`emulate`: the cluster file's), checked against the plan before anything starts. */
+  readonly deviceBudgets?: readonly number[]
 }
 
 /** Adds the cluster flags (model, peers/workers/discovery, threads, context, memory, quiet) to `command`. */
@@ -217,7 +220,17 @@ export async function startCluster(flags: ClusterFlags, setup: ClusterSetup = {}
   // Build and check the plan before any process starts or socket opens (throws RangeError naming the numbers), unless
   // it is planned from what the survey measures.
   const deferred = auto && (surveyProfiles || surveyLinks)
-  let plan = deferred ? null : resolvePlan(flags, model, nPeers, () => autoPlan())
+  // Every budget known here: emulate's devices, or --memory-budget on the master and the local workers.
+  const budgets = names.map((name, d) => ({
+    name,
+    budgetBytes: setup.deviceBudgets ? setup.deviceBudgets[d] : d === 0 || workerAddrs === undefined ? flags.memoryBudget : undefined,
+  }))
+  const resolve = (survey?: ClusterSurvey): ClusterPlan => {
+    const plan = resolvePlan(flags, model, nPeers, () => autoPlan(survey), setup.deviceNames)
+    checkPlanFits(model, plan, budgets, flags.planFile === undefined ? '' : `plan file ${flags.planFile}: `)
+    return plan
+  }
+  let plan = deferred ? null : resolve()
 
   const threads = flags.threads ?? Math.max(1, Math.floor(cpus().length / (workerAddrs ? 1 : nPeers)))
   const budget = flags.memoryBudget === undefined ? {} : { memoryBudgetBytes: flags.memoryBudget }
@@ -246,7 +259,7 @@ export async function startCluster(flags: ClusterFlags, setup: ClusterSetup = {}
         (line) => process.stderr.write(`edgeshard: ${line}\n`),
       )
       if (deferred) {
-        plan = resolvePlan(flags, model, nPeers, () => autoPlan(survey))
+        plan = resolve(survey)
         status(`planned from the measured ${[surveyProfiles ? 'profiles' : '', surveyLinks ? 'links' : ''].filter(Boolean).join(' and ')}`)
       }
     }

@@ -53,6 +53,11 @@ describe('ShardIntake', () => {
         p.model.headDim = 4096
       }),
     ).toMatch(/^frame plan: RoPE tables for a context of 4194304 × head size 4096 need 137438953472 bytes, more than a quarter/)
+    // Too little memory for the RoPE tables is the agent's budget, not a bad plan: the master exits with 2.
+    const huge = structuredClone(plan) as unknown as Mutable
+    huge.model.maxSeqLen = 1 << 22
+    huge.model.headDim = 4096
+    expect(errorOf(() => new ShardIntake(huge as unknown as TensorParallelPlan, 1, { memoryBytes: 1e9 })).name).toBe('MemoryBudgetError')
     expect(errorOf(() => new ShardIntake(plan, 1, { threads: 1e6 })).message).toBe('frame plan: threads must be at most 1024, got 1000000')
     expect(errorOf(() => new ShardIntake(plan, 1, { threads: 1e6 })).name).toBe('ProtocolError')
   })

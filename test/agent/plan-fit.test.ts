@@ -1,0 +1,109 @@
+/**
+ * The memory check made before a cluster starts must count what the runtime stores: shard-file blocks (tensors 8-byte
+ * aligned, Q4_0 as MatMulNBits blob + scales, qwen2 biases) and the KV cache. Checked against shard files written
+ * from real slices of a synthetic Q4_0 qwen2 model, then the refusals themselves.
+ */
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { afterAll, beforeAll, describe, expect, it } from 'vitest'
+import { checkPlanFits, shareNeeds } from '../../agent/plan-fit.ts'
+import { encodeLayerShard, kvCacheBytes } from '../../agent/shard-encoding.ts'
+import { ShardFileWriter } from '../../agent/weight-store.ts'
+import {
+  buildClusterPlan,
+  type LinearWeight,
+  loadModel,
+  type ModelDescription,
+  parseStageLayout,
+  readTensorBytes,
+  readTensorF32,
+  sliceLayerShard,
+  toLinearWeight,
+  type WeightSource,
+} from '../../splitter/index.ts'
+import { runCli } from '../support/cli.ts'
+
+const dir = mkdtempSync(join(tmpdir(), 'edgeshard-plan-fit-'))
+afterAll(() => rmSync(dir, { recursive: true, force: true }))
+
+let model: ModelDescription
+
+beforeAll(async () => {
+  const path = join(dir, 'qwen2-q4.gguf')
+  const r = await runCli(['synth', '--shape', 'test-qwen2', '--type', 'q4_0', '--seed', '5', '--out', path, '--quiet'], { timeoutMs: 60_000 })
+  expect(r.code).toBe(0)
+  model = loadModel(path)
+}, 60_000)
+
+function source(m: ModelDescription): WeightSource {
+  return {
+    vector: (name) => readTensorF32(m, name),
+    linear: (name): LinearWeight => {
+      const ref = m.tensors.get(name)!
+      return toLinearWeight(ref.dtype, readTensorBytes(m, name), ref.shape[0]!, ref.shape[1]!)
+    },
+  }
+}
+
+describe('shareNeeds', () => {
+  it('counts the blocks and KV cache of real shard files (Q4_0, biases, uneven shares)', async () => {
+    expect(model.config.qkvBias).toBe(true)
+    expect(model.tensors.get('blk.0.ffn_down.weight')!.dtype).toBe('q4_0')
+    // Device 1 alone on layer 0, devices 0 and 2 sharing layer 1 (FFN columns in 32-column blocks).
+    const plan = buildClusterPlan(model.config, parseStageLayout('1:1,0+2:1'), 3, { attentionBlock: 32, ffnBlock: 32 })
+    for (const stage of plan.stages) {
+      for (const shard of stage.tensorParallel.shards) {
+        const writer = await ShardFileWriter.create(join(dir, `shard-${stage.layers.start}-${shard.index}`))
+        for (let layer = stage.layers.start; layer < stage.layers.start + stage.layers.count; layer++) {
+          for (const t of encodeLayerShard(sliceLayerShard(stage.tensorParallel.model, shard, layer, source(model)))) {
+            await writer.add(layer, t.name, t.bits, t.rows, t.cols, t.body)
+          }
+        }
+        await writer.finish()
+        const index = JSON.parse(readFileSync(join(writer.dir, 'index.json'), 'utf8')) as { blocks: { bytes: number }[] }
+        const needs = shareNeeds(model, stage.tensorParallel, shard)
+        expect(needs.weightBytes).toBe(index.blocks.reduce((s, b) => s + b.bytes, 0))
+        expect(needs.largestBlockBytes).toBe(Math.max(...index.blocks.map((b) => b.bytes)))
+        expect(needs.kvCacheBytes).toBe(kvCacheBytes(stage.tensorParallel, shard.index))
+        expect(needs.ropeBytes).toBe(2 * model.config.maxSeqLen * model.config.headDim * 4)
+      }
+    }
+  })
+})
+
+describe('checkPlanFits', () => {
+  it('lets a share stream when two blocks and the KV cache fit; refuses less, naming the device and the bytes', () => {
+    const plan = buildClusterPlan(model.config, parseStageLayout('0+1:2'), 2, { attentionBlock: 32, ffnBlock: 32 })
+    const tp = plan.stages[0]!.tensorParallel
+    // The master's share streams (no RoPE rule on the master, whose budget covers its share alone).
+    const master = shareNeeds(model, tp, tp.shards[0]!)
+    const streaming = 2 * master.largestBlockBytes + master.kvCacheBytes
+    expect(streaming).toBeLessThan(master.weightBytes + master.kvCacheBytes)
+    const devices = (masterBudget: number | undefined, workerBudget?: number) => [
+      { name: 'm', budgetBytes: masterBudget },
+      { name: 'w', budgetBytes: workerBudget },
+    ]
+    expect(() => checkPlanFits(model, plan, devices(streaming))).not.toThrow()
+    expect(() => checkPlanFits(model, plan, devices(undefined))).not.toThrow()
+    let refused: (Error & { neededBytes?: number }) | undefined
+    try {
+      checkPlanFits(model, plan, devices(streaming - 1), 'plan file p.json: ')
+    } catch (err) {
+      refused = err as Error
+    }
+    expect(refused?.name).toBe('MemoryBudgetError')
+    expect(refused?.neededBytes).toBe(streaming)
+    expect(refused?.message).toBe(
+      `plan file p.json: memory budget of ${streaming - 1} bytes on m (device 0) is too small: ` +
+        `needs ${streaming} (2 blocks of ${master.largestBlockBytes} + KV cache ${master.kvCacheBytes} at 256 positions)`,
+    )
+    // A worker keeps its RoPE tables under a quarter of its budget.
+    const worker = shareNeeds(model, tp, tp.shards[1]!)
+    expect(() => checkPlanFits(model, plan, devices(undefined, 4 * worker.ropeBytes))).not.toThrow()
+    expect(() => checkPlanFits(model, plan, devices(undefined, 4 * worker.ropeBytes - 1))).toThrow(
+      `memory budget of ${4 * worker.ropeBytes - 1} bytes on w (device 1) is too small: its RoPE tables for a context of 256 × head size 16 ` +
+        `need ${worker.ropeBytes} bytes, at most a quarter of the budget: needs ${4 * worker.ropeBytes}`,
+    )
+  })
+})
