@@ -7,7 +7,7 @@
  * than the bytes it actually sends.
  */
 import { totalmem } from 'node:os'
-import type { TensorParallelPlan } from '../splitter/index.ts'
+import { formatLayers, type TensorParallelPlan } from '../splitter/index.ts'
 import type { Frame } from '../transport/index.ts'
 import { type MasterMessage, ProtocolError, tensorBodyBytes, VECTOR_NAMES, type WeightName } from './protocol.ts'
 import { MemoryBudgetError } from './weight-store.ts'
@@ -75,7 +75,7 @@ export class ShardIntake {
     const { layer, name, bits, rows, cols } = msg
     const { start, count } = this.plan.layers
     if (layer < start || layer >= start + count) {
-      throw new ProtocolError(`frame tensor: layer ${layer} is outside the plan's layers ${start}..${start + count - 1}`)
+      throw new ProtocolError(`frame tensor: layer ${layer} is outside the plan's ${formatLayers(start, count)}`)
     }
     const shape = this.#shapes.get(name)
     if (shape === undefined) {

@@ -1,5 +1,5 @@
 import { logger } from '@libp2p/logger'
-import type { LayerShardWeights, LinearWeight, TensorParallelPlan } from '../splitter/index.ts'
+import { formatLayers, type LayerShardWeights, type LinearWeight, type TensorParallelPlan } from '../splitter/index.ts'
 import {
   type AllreduceLink,
   f32Body,
@@ -297,7 +297,7 @@ export class WorkerAgent {
             const layer = layers[msg.layer]
             const { start, count } = plan.layers
             if (!layer || msg.layer < start || msg.layer >= start + count) {
-              throw new RangeError(`tensor for layer ${msg.layer}: the plan runs layers ${start}..${start + count}`)
+              throw new RangeError(`tensor for layer ${msg.layer}: the plan runs ${formatLayers(start, count)}`)
             }
             if (writer) {
               const expected = tensorBodyBytes(msg.bits, msg.rows, msg.cols)

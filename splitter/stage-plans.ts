@@ -4,6 +4,7 @@
  * the check of a plan read from a file. Pure.
  */
 import type { ClusterPlan, StagePlan } from './cluster-plan.ts'
+import { formatLayers } from './layer-range.ts'
 import type { LlamaConfig } from './model.ts'
 import { type PlanModelShape, planTensorParallel, type TensorParallelOptions, type TensorParallelPlan } from './tensor-parallel-plan.ts'
 
@@ -137,7 +138,7 @@ export function checkClusterPlan(value: unknown, config: LlamaConfig, nDevices: 
   for (const [i, stage] of plan.stages.entries()) {
     const { start, count } = stage?.layers ?? {}
     if (start !== next || !Number.isInteger(count) || count! < 1) {
-      throw new RangeError(`cluster plan stage ${i}: layers ${JSON.stringify(stage?.layers)} must start at layer ${next} and hold at least one`)
+      throw new RangeError(`cluster plan stage ${i}: ${layersText(stage?.layers)} must start at layer ${next} and hold at least one`)
     }
     next += count!
     if (!Array.isArray(stage.devices)) throw new RangeError(`cluster plan stage ${i}: devices must be an array`)
@@ -146,7 +147,7 @@ export function checkClusterPlan(value: unknown, config: LlamaConfig, nDevices: 
       throw new RangeError(`cluster plan stage ${i}: tensorParallel must be a tensor-parallel plan of version 1`)
     }
     if (tp.layers?.start !== start || tp.layers?.count !== count) {
-      throw new RangeError(`cluster plan stage ${i}: its tensor-parallel plan runs layers ${JSON.stringify(tp.layers)}, the stage ${JSON.stringify(stage.layers)}`)
+      throw new RangeError(`cluster plan stage ${i}: its tensor-parallel plan runs ${layersText(tp.layers)}, the stage ${layersText(stage.layers)}`)
     }
     if (JSON.stringify(tp.model) !== shape) throw new RangeError(`cluster plan stage ${i}: the tensor-parallel plan is for another model (${modelDifference(tp.model, expected)})`)
     if (tp.shards.length !== stage.devices.length) {
@@ -154,10 +155,17 @@ export function checkClusterPlan(value: unknown, config: LlamaConfig, nDevices: 
     }
     checkShares(tp, config, i)
   }
-  if (next !== config.nLayers) throw new RangeError(`cluster plan: stages cover layers 0..${next}, the model has ${config.nLayers}`)
+  if (next !== config.nLayers) throw new RangeError(`cluster plan: stages cover ${formatLayers(0, next)}, the model has ${formatLayers(0, config.nLayers)}`)
   checkDevices(plan.stages.map((s) => s.devices), nDevices)
   if (planKind(plan.stages) !== plan.kind) throw new RangeError(`cluster plan: kind ${plan.kind} does not match its stages (${planKind(plan.stages)})`)
   return plan
+}
+
+/** A plan's (untrusted) layer range for messages: `layers 2–4` when it is one, else its JSON (`layers {"start":-1}`). */
+function layersText(range: unknown): string {
+  const r = range as { start?: unknown; count?: unknown } | undefined
+  if (Number.isInteger(r?.start) && Number.isInteger(r?.count) && (r!.count as number) > 0) return formatLayers(r!.start as number, r!.count as number)
+  return `layers ${(JSON.stringify(range) ?? String(range)).slice(0, 60)}`
 }
 
 /** The fields where a plan's model shape differs from the model's, e.g. `maxSeqLen 128, the model has 512; dim …`. */

@@ -7,6 +7,7 @@ import {
   buildClusterPlan,
   type ClusterPlan,
   checkClusterPlan,
+  formatLayers,
   hybridClusterPlan,
   type ModelDescription,
   parseStageLayout,
@@ -126,7 +127,7 @@ export function describePlan(plan: ClusterPlan): string {
   if (plan.stages.length === 1 && only.devices.every((d, i) => d === i)) return `tensor parallel: ${shares(only)}${excluded}`
   const stages = plan.stages.map((s) => {
     const where = s.devices.length === 1 ? `device ${s.devices[0]}` : `devices ${s.devices.join('+')} (${shares(s)})`
-    return `layers ${s.layers.start}..${s.layers.start + s.layers.count} on ${where}`
+    return `${formatLayers(s.layers.start, s.layers.count)} on ${where}`
   })
   return `${plan.kind}: ${stages.join('; ')}${excluded}`
 }

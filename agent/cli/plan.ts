@@ -10,6 +10,7 @@ import {
   type ClusterPlan,
   type ClusterPlanChoice,
   type ClusterPlanInput,
+  formatLayers,
   loadModel,
   type ModelDescription,
   modelCostShape,
@@ -127,7 +128,7 @@ export function formatPlan(model: ModelDescription, cluster: ClusterSpec, input:
   out.push(`chosen: ${chosen.plan.kind}, ${chosen.plan.predictedMsPerToken.toFixed(2)} ms/token predicted (${chosen.label})`)
   for (const [i, stage] of chosen.plan.stages.entries()) {
     out.push(
-      `  stage ${i + 1}: layers ${range(stage.layers.start, stage.layers.count)} (${stage.layers.count}), ` +
+      `  stage ${i + 1}: ${formatLayers(stage.layers.start, stage.layers.count)} (${stage.layers.count}), ` +
         `${stage.devices.length === 1 ? 'one device' : `hub ${name(stage.devices[0]!)}`}`,
     )
     const width = Math.max(...stage.devices.map((d) => name(d).length))
@@ -147,7 +148,7 @@ export function formatPlan(model: ModelDescription, cluster: ClusterSpec, input:
     out.push(
       `  ${a === chosen ? '*' : ' '} ${a.plan.predictedMsPerToken.toFixed(2).padStart(9)}  ${a.label}  ` +
         `(${k.computeMs.toFixed(2)} + ${k.allreduceMs.toFixed(2)} + ${k.handoffMs.toFixed(2)} + ${k.headMs.toFixed(2)}; ` +
-        `${a.plan.stages.map((s) => `${range(s.layers.start, s.layers.count)}: ${s.devices.map(name).join('+')}`).join(' | ')})`,
+        `${a.plan.stages.map((s) => `${formatLayers(s.layers.start, s.layers.count)}: ${s.devices.map(name).join('+')}`).join(' | ')})`,
     )
   }
   if (chosen.plan.excluded.length > 0) {

@@ -65,7 +65,7 @@ describe('ShardIntake', () => {
   it('refuses a tensor outside the plan, of another shape or size, twice, or a short load-done', () => {
     const intake = new ShardIntake(plan, 1)
     const msg = (fields: Parameters<typeof tensor>[0], bytes: number): string => errorOf(() => intake.tensor(tensor(fields), bytes)).message
-    expect(msg({ layer: 5 }, 32 * 64 * 4)).toBe('frame tensor: layer 5 is outside the plan\'s layers 0..4')
+    expect(msg({ layer: 5 }, 32 * 64 * 4)).toBe('frame tensor: layer 5 is outside the plan\'s layers 0–4')
     expect(msg({ name: 'bq', rows: 1, cols: 32 }, 128)).toBe('frame tensor: shard 1 gets no weight bq (it gets attn_norm, wq, wk, wv, wo, ffn_norm, w1, w3, w2)')
     expect(msg({ rows: 64 }, 64 * 64 * 4)).toBe('frame tensor: wq of layer 0 is 64×64, the plan gives shard 1 32×64')
     expect(msg({ name: 'attn_norm', bits: 4, rows: 1, cols: 64 }, 40)).toBe('frame tensor: attn_norm is a vector, sent as f32 (bits 32), got bits 4')

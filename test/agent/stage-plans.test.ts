@@ -74,7 +74,7 @@ describe.skipIf(!HAVE_MODELS)('pipeline and hybrid plans (real processes over li
     const { summary, stderr } = await generateCase('run', ['--peers', '3', '--plan', 'pipeline'], 3, 'pipeline')
     expect(summary.clusterPlan.kind).toBe('pipeline')
     expect(stagesOf(summary)).toEqual(['0@0+2', '1@2+2', '2@4+1'])
-    expect(stderr).toContain('pipeline: layers 0..2 on device 0; layers 2..4 on device 1; layers 4..5 on device 2')
+    expect(stderr).toContain('pipeline: layers 0–1 on device 0; layers 2–3 on device 1; layer 4 on device 2')
     // every device ran every forward pass
     expect(new Set(summary.perPeer.map((p) => p.forwards)).size).toBe(1)
   }, 60_000)
