@@ -80,6 +80,9 @@ export async function emulate<F extends EmulateFlags>(flags: F, run: (flags: F, 
   const quotas = wantsCpu ? CpuQuotas.create() : null
   if (typeof quotas === 'string') process.stderr.write(`edgeshard: warning: CPU is unconstrained (${quotas}); the devices' cpu shares are ignored\n`)
   const cpu = quotas instanceof CpuQuotas ? quotas : null
+  if (cpu && cpu.removedStale.length > 0) {
+    status(`removed ${cpu.removedStale.length} stale cgroup${cpu.removedStale.length === 1 ? '' : 's'} of emulators that are gone: ${cpu.removedStale.join(', ')}`)
+  }
   // Interrupted: stop the workers (they exit with their stdin) and remove the groups before going.
   const interrupted = (): void => {
     for (const child of workerProcesses) child.kill('SIGKILL')
