@@ -54,7 +54,7 @@ describe('surveyCluster over real libp2p nodes on 127.0.0.1', () => {
       agents.map((a) => a.multiaddrs()[0]!),
       {
         emulated,
-        probeOptions: (from, to) => ({ rounds: 10, payloadRounds: 3, payloadBytes: Math.round(emulated(from, to)!.bitsPerSecond / 8 / 5) }),
+        probeOptions: (from, to) => ({ rounds: 20, payloadRounds: 3, payloadBytes: Math.round(emulated(from, to)!.bitsPerSecond / 8 / 5) }),
         onLink: (l) => seen.push(`${l.from}-${l.to}`),
         signal: AbortSignal.timeout(60_000),
       },
