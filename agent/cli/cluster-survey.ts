@@ -54,7 +54,7 @@ export async function surveyForPlanning(
 ): Promise<ClusterSurvey> {
   const name = (d: number): string => plan.names[d] ?? `device ${d}`
   if (plan.profiles) status(`reading the devices' measured profiles (a device without a cached measurement is measured now, a few seconds each)`)
-  if (plan.links) status(`measuring the links between the ${addresses.length + 1} devices over libp2p`)
+  if (plan.links && addresses.length > 0) status(`measuring the links between the ${addresses.length + 1} devices over libp2p`)
   return surveyCluster(addresses, {
     ...(plan.signal ? { signal: plan.signal } : {}),
     ...(plan.transport ? { transport: plan.transport } : {}),
