@@ -206,6 +206,11 @@ export async function startCluster(flags: ClusterFlags, setup: ClusterSetup = {}
   }
   const nPeers = workerAddrs ? workerAddrs.length + 1 : (flags.peers ?? 3)
   const names = Array.from({ length: nPeers }, (_, d) => setup.deviceNames?.[d] ?? (d === 0 ? 'master' : `worker-${d}`))
+  // Every budget known here: emulate's devices, or --memory-budget on the master and the local workers.
+  const budgets = names.map((name, d) => ({
+    name,
+    budgetBytes: setup.deviceBudgets ? setup.deviceBudgets[d] : d === 0 || workerAddrs === undefined ? flags.memoryBudget : undefined,
+  }))
   // What the survey before planning measures: links with --probe-links; for --plan auto without profiles of its own
   // (run, serve) or with measured ones (emulate --profiles measured), every device's published measurement and links.
   const auto = flags.plan === 'auto' && flags.planFile === undefined
@@ -213,18 +218,12 @@ export async function startCluster(flags: ClusterFlags, setup: ClusterSetup = {}
   const surveyLinks = flags.probeLinks === true || (auto && !setup.autoPlan)
   const autoPlan = (survey?: ClusterSurvey): ClusterPlan => {
     if (setup.autoPlan) return setup.autoPlan(model, nPeers, survey)
-    const local = workerAddrs === undefined
-    const budgets = names.map((_, d) => (d === 0 || local ? flags.memoryBudget : undefined))
-    return plannedFor(surveyedClusterSpec('the measured cluster', names, budgets, survey!), model, flags.quantizedMatmul)
+    const spec = surveyedClusterSpec('the measured cluster', names, budgets.map((b) => b.budgetBytes), survey!)
+    return plannedFor(spec, model, flags.quantizedMatmul)
   }
   // Build and check the plan before any process starts or socket opens (throws RangeError naming the numbers), unless
   // it is planned from what the survey measures.
   const deferred = auto && (surveyProfiles || surveyLinks)
-  // Every budget known here: emulate's devices, or --memory-budget on the master and the local workers.
-  const budgets = names.map((name, d) => ({
-    name,
-    budgetBytes: setup.deviceBudgets ? setup.deviceBudgets[d] : d === 0 || workerAddrs === undefined ? flags.memoryBudget : undefined,
-  }))
   const resolve = (survey?: ClusterSurvey): ClusterPlan => {
     const plan = resolvePlan(flags, model, nPeers, () => autoPlan(survey), setup.deviceNames)
     checkPlanFits(model, plan, budgets, flags.planFile === undefined ? '' : `plan file ${flags.planFile}: `)
