@@ -34,11 +34,16 @@ import { ProtocolError } from './protocol.ts'
 
 const log = logger('edgeshard:agent:survey')
 
-/** Most targets or links one survey request may carry. */
+/** Most links one `survey-shape` may carry. */
 const MAX_ENTRIES = 256
-/** Bounds of the probe options an agent accepts. */
-const MAX_ROUNDS = 1000
-const MAX_PAYLOAD_BYTES = 64 * 2 ** 20
+/**
+ * Most targets one `survey-probe` may name, and bounds of its probe options: one request costs the agent at most
+ * MAX_TARGETS × (MAX_PAYLOAD_ROUNDS + 1) × MAX_PAYLOAD_BYTES of traffic.
+ */
+const MAX_TARGETS = 16
+const MAX_ROUNDS = 200
+const MAX_PAYLOAD_ROUNDS = 20
+const MAX_PAYLOAD_BYTES = 16 * 2 ** 20
 /** How long an agent gives one target's probe, and the master one request, ms. */
 const PROBE_TIMEOUT_MS = 60_000
 const REQUEST_TIMEOUT_MS = 180_000
@@ -134,7 +139,7 @@ function parseShapeLinks(value: unknown): { peer: string; rttMs: number; bitsPer
 
 /** @throws ProtocolError naming the entry and the field */
 function parseTargets(value: unknown): ({ address: string } & Required<Omit<LinkProbeOptions, 'signal'>>)[] {
-  if (!Array.isArray(value) || value.length > MAX_ENTRIES) throw new ProtocolError(`survey-probe: targets must be an array of at most ${MAX_ENTRIES}`)
+  if (!Array.isArray(value) || value.length > MAX_TARGETS) throw new ProtocolError(`survey-probe: targets must be an array of at most ${MAX_TARGETS}`)
   return value.map((entry: unknown, i) => {
     const v = (entry ?? {}) as Record<string, unknown>
     if (typeof v.address !== 'string' || v.address.length === 0 || v.address.length > 1024) throw new ProtocolError(`survey-probe: target ${i} has no address`)
@@ -143,7 +148,7 @@ function parseTargets(value: unknown): ({ address: string } & Required<Omit<Link
       if (!Number.isInteger(n) || (n as number) < 1 || (n as number) > max) throw new ProtocolError(`survey-probe: target ${i} ${key} must be a whole number 1..${max}`)
       return n as number
     }
-    return { address: v.address, rounds: whole('rounds', MAX_ROUNDS), payloadBytes: whole('payloadBytes', MAX_PAYLOAD_BYTES), payloadRounds: whole('payloadRounds', MAX_ROUNDS) }
+    return { address: v.address, rounds: whole('rounds', MAX_ROUNDS), payloadBytes: whole('payloadBytes', MAX_PAYLOAD_BYTES), payloadRounds: whole('payloadRounds', MAX_PAYLOAD_ROUNDS) }
   })
 }
 
