@@ -50,13 +50,20 @@ const PARENT_GROUP = /^edgeshard-(\d+)$/
 /** A group younger than this is never taken for stale (its maker may be in another pid namespace, just starting), ms. */
 export const STALE_GROUP_MIN_AGE_MS = 2_000
 
-/** True while process `pid` exists (signal 0: ESRCH when it does not; EPERM means it does, owned by someone else). */
-function processExists(pid: number): boolean {
+/**
+ * True while process `pid` runs: signal 0 fails with ESRCH when it does not (EPERM means it does, owned by someone
+ * else); a zombie (killed, not yet reaped by its parent: Linux `/proc/<pid>/stat` state Z) counts as gone.
+ */
+function processRuns(pid: number): boolean {
   try {
     process.kill(pid, 0)
-    return true
   } catch (err) {
     return (err as NodeJS.ErrnoException).code !== 'ESRCH'
+  }
+  try {
+    return !/^\d+ \(.*\) Z/s.test(readFileSync(`/proc/${pid}/stat`, 'utf8'))
+  } catch {
+    return true
   }
 }
 
@@ -78,7 +85,7 @@ export function removeStaleGroups(directories: readonly string[], minAgeMs = STA
     }
     for (const entry of entries) {
       const pid = Number(PARENT_GROUP.exec(entry)?.[1])
-      if (!Number.isSafeInteger(pid) || pid === process.pid || processExists(pid)) continue
+      if (!Number.isSafeInteger(pid) || pid === process.pid || processRuns(pid)) continue
       const group = join(directory, entry)
       try {
         if (Date.now() - statSync(group).mtimeMs < minAgeMs) continue

@@ -56,6 +56,7 @@ describe.skipIf(!CGROUP_V1)('stale edgeshard cgroups (root, cgroup v1)', () => {
     } finally {
       sleeper.kill('SIGKILL')
     }
+    // Dead, reaped or not (a zombie counts as gone).
     await waitFor(() => !processAlive(sleeper.pid!), 5_000)
     expect(removeStaleGroups([ROOT], 0)).toEqual(expect.arrayContaining([busy, owned]))
     expect([busy, owned].some(existsSync)).toBe(false)
