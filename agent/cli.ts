@@ -12,7 +12,7 @@ import { Command, CommanderError, Option } from 'commander'
 import { byteSize, collect, finiteNumber, wholeNumber } from './cli/arguments.ts'
 import { registerPeers } from './cli/peers.ts'
 import { registerPlan } from './cli/plan.ts'
-import { publishDeviceProfile, registerProfile } from './cli/profile.ts'
+import { measureAndPublish, publishDeviceProfile, registerProfile } from './cli/profile.ts'
 import { registerQuantize } from './cli/quantize.ts'
 import { registerReport } from './cli/report.ts'
 import { registerServe } from './cli/serve.ts'
@@ -163,6 +163,7 @@ async function agent(flags: AgentFlags): Promise<void> {
     mdns: flags.mdns && flags.listen.some((a) => !LOOPBACK.test(a)),
     ...(flags.memoryBudget === undefined ? {} : { memoryBudgetBytes: flags.memoryBudget }),
     ...(flags.shardDir === undefined ? {} : { shardDir: flags.shardDir }),
+    measure: () => measureAndPublish(),
     onSessionEnd: (peer, error) => {
       if (error) process.stderr.write(`edgeshard agent: session with master ${peer} ended: ${error.message}\n`)
       if (flags.exitWithParent) void shutdown(error ? 1 : 0)

@@ -7,9 +7,10 @@
  * than the bytes it actually sends.
  */
 import { totalmem } from 'node:os'
-import type { TensorParallelPlan } from '../splitter/index.ts'
+import { formatLayers, type TensorParallelPlan } from '../splitter/index.ts'
 import { type Frame, WIRE_DTYPES, type WireDtype } from '../transport/index.ts'
 import { type MasterMessage, ProtocolError, tensorBodyBytes, VECTOR_NAMES, type WeightName } from './protocol.ts'
+import { MemoryBudgetError } from './weight-store.ts'
 
 /** Bounds on a plan's model shape: far above any model edgeshard runs, far below what would exhaust memory. */
 const MAX = {
@@ -49,7 +50,8 @@ export class ShardIntake {
    *   budget, default this device's total memory
    * @param options.threads - onnxruntime threads the `plan` frame asks for (at most 1024)
    * @param options.wireDtype - the `plan` frame's `wireDtype` as received: absent (f32), `f32` or `f16`
-   * @throws ProtocolError naming the plan field and what was expected
+   * @throws ProtocolError naming the plan field and what was expected; MemoryBudgetError when the plan's RoPE tables
+   *   take more than a quarter of `memoryBytes`
    */
   constructor(plan: TensorParallelPlan, shardIndex: number, options: { memoryBytes?: number; threads?: number; wireDtype?: unknown } = {}) {
     if (options.threads !== undefined && options.threads > MAX_THREADS) {
@@ -81,7 +83,7 @@ export class ShardIntake {
     const { layer, name, bits, rows, cols } = msg
     const { start, count } = this.plan.layers
     if (layer < start || layer >= start + count) {
-      throw new ProtocolError(`frame tensor: layer ${layer} is outside the plan's layers ${start}..${start + count - 1}`)
+      throw new ProtocolError(`frame tensor: layer ${layer} is outside the plan's ${formatLayers(start, count)}`)
     }
     const shape = this.#shapes.get(name)
     if (shape === undefined) {
@@ -232,8 +234,11 @@ function checkPlan(plan: TensorParallelPlan, memoryBytes: number): void {
   // The tables a shard runner allocates up front whatever the master sends later: RoPE cos and sin [maxSeqLen, headDim] f32.
   const tableBytes = 2 * maxSeqLen * headDim * 4
   if (tableBytes > memoryBytes * TABLE_MEMORY_FRACTION) {
-    throw new ProtocolError(
-      `frame plan: RoPE tables for a context of ${maxSeqLen} × head size ${headDim} need ${tableBytes} bytes, more than a quarter of this agent's ${memoryBytes}`,
+    // The plan is sound; this agent's memory is what is short (a MemoryBudgetError: the master's CLI exits with 2).
+    const needed = Math.ceil(tableBytes / TABLE_MEMORY_FRACTION)
+    throw new MemoryBudgetError(
+      `frame plan: RoPE tables for a context of ${maxSeqLen} × head size ${headDim} need ${tableBytes} bytes, more than a quarter of this agent's ${memoryBytes}: needs ${needed}`,
+      needed,
     )
   }
 }

@@ -222,18 +222,50 @@ export interface StreamingOptions {
  */
 export const STREAMED_INTERMEDIATE_BYTES = 4 * 2 ** 20
 
+/** A stored tensor as the memory budget sees it. */
+export interface TensorShape {
+  readonly bits: 32 | 8 | 4
+  readonly rows: number
+  readonly cols: number
+  readonly layout?: 'blockwise'
+}
+
+/** What streaming a shard through a window of blocks needs besides the blocks' count, bytes. */
+export interface StreamingNeeds {
+  /** The largest block as a window slot holds it (quantized weights blockwise: one byte per weight). */
+  readonly largestBlockBytes: number
+  /** Working memory of the graphs that apply streamed blocks (see below). */
+  readonly workspaceBytes: number
+  /** The KV cache at the full context. */
+  readonly kvCacheBytes: number
+  /** The least budget that streams: 2 blocks + KV cache + workspace. */
+  readonly neededBytes: number
+  /** Whether quantized weights are streamed (blockwise). */
+  readonly quantized: boolean
+}
+
 /**
- * Working memory of the graphs that apply streamed blocks, charged to the budget next to the window and the KV cache:
- * the int8 kernel holds about four tensors of {@link STREAMED_INTERMEDIATE_BYTES} at once (int32 products, their f32
- * cast, two scalings); the exact kernel expands the largest weight to f32 (cast, offset, scaled: up to four f32 copies
- * of it are live in onnxruntime's allocator, measured on a 1M-weight FFN). Dense weights need none beyond the
- * runtime's own.
+ * What a share whose blocks hold `blocks` needs to stream through a window (TPI-LLM §3.3), the single rule the agents
+ * apply (StreamingStore.open) and the master checks before start (agent/plan-fit.ts). The kernels' working memory is
+ * charged to the budget: the int8 kernel of quantized weights holds about four tensors of
+ * {@link STREAMED_INTERMEDIATE_BYTES} at once (int32 products, their f32 cast, two scalings); the exact kernel expands
+ * the largest weight to f32 (cast, offset, scaled: up to four f32 copies of it are live in onnxruntime's allocator,
+ * measured on a 1M-weight FFN). Dense weights need none beyond the runtime's own.
  */
-function streamingWorkspaceBytes(index: ShardIndex, quantizedMatmul: 'exact' | 'int8'): number {
-  const quantized = index.blocks.flatMap((b) => b.tensors).filter((t) => t.bits !== 32)
-  if (quantized.length === 0) return 0
-  if (quantizedMatmul === 'int8') return 4 * STREAMED_INTERMEDIATE_BYTES
-  return 4 * 4 * Math.max(...quantized.map((t) => t.rows * t.cols))
+export function streamingNeeds(blocks: readonly (readonly TensorShape[])[], kvCacheBytes: number, quantizedMatmul: 'exact' | 'int8'): StreamingNeeds {
+  const all = blocks.flat()
+  const quantized = all.filter((t) => t.bits !== 32)
+  const largestBlockBytes = Math.max(0, ...blocks.map(streamedBlockBytes))
+  const workspaceBytes =
+    quantized.length === 0 ? 0 : quantizedMatmul === 'int8' ? 4 * STREAMED_INTERMEDIATE_BYTES : 4 * 4 * Math.max(...quantized.map((t) => t.rows * t.cols))
+  return { largestBlockBytes, workspaceBytes, kvCacheBytes, neededBytes: 2 * largestBlockBytes + kvCacheBytes + workspaceBytes, quantized: quantized.length > 0 }
+}
+
+/** `needs` as the parts of a budget message: `2 blocks of B + KV cache K[ + kernel workspace W]`. */
+export function describeStreamingNeeds(needs: StreamingNeeds, kvNote = ''): string {
+  const parts = [`2 blocks of ${needs.largestBlockBytes}${needs.quantized ? ' as streamed, one byte per quantized weight' : ''}`, `KV cache ${needs.kvCacheBytes}${kvNote}`]
+  if (needs.workspaceBytes > 0) parts.push(`kernel workspace ${needs.workspaceBytes}`)
+  return parts.join(' + ')
 }
 
 /**
@@ -278,17 +310,21 @@ export class StreamingStore implements WeightStore {
   static async open(shardDir: string, options: StreamingOptions): Promise<StreamingStore> {
     let dir = shardDir
     let index = await readIndex(dir)
-    const quantized = index.blocks.some((b) => b.tensors.some((t) => t.bits !== 32 && t.layout !== 'blockwise'))
     // Quantized blocks stream in the blockwise layout (one byte per value): the budget must hold those.
-    const largest = Math.max(...index.blocks.map((b) => (quantized ? blockwiseBlockBytes(b) : b.bytes)))
-    const workspace = streamingWorkspaceBytes(index, options.quantizedMatmul ?? 'exact')
-    const needed = 2 * largest + options.kvCacheBytes + workspace
-    if (options.budgetBytes < needed) {
-      const parts = [`2 blocks of ${largest}${quantized ? ' as streamed, one byte per quantized weight' : ''}`, `KV cache ${options.kvCacheBytes}`]
-      if (workspace > 0) parts.push(`kernel workspace ${workspace}`)
-      throw new MemoryBudgetError(`memory budget of ${options.budgetBytes} bytes is too small: needs ${needed} (${parts.join(' + ')})`, needed)
+    const needs = streamingNeeds(
+      index.blocks.map((b) => b.tensors),
+      options.kvCacheBytes,
+      options.quantizedMatmul ?? 'exact',
+    )
+    if (options.budgetBytes < needs.neededBytes) {
+      throw new MemoryBudgetError(
+        `memory budget of ${options.budgetBytes} bytes is too small: needs ${needs.neededBytes} (${describeStreamingNeeds(needs)})`,
+        needs.neededBytes,
+      )
     }
-    if (quantized) {
+    const largest = needs.largestBlockBytes
+    const workspace = needs.workspaceBytes
+    if (needs.quantized) {
       dir = await prepareBlockwise(shardDir, index, options.verify ?? true)
       index = await readIndex(dir)
     }
@@ -411,17 +447,15 @@ function blockWeights(b: BlockEntry, bytes: Uint8Array): LayerBlock {
   return { ffn: { ffn_norm: vec('ffn_norm'), w1: t.w1!, w3: t.w3!, w2: t.w2! } }
 }
 
-/** Bytes of block `b` once its quantized weights are laid out blockwise (8-byte aligned tensors). */
-function blockwiseBlockBytes(b: BlockEntry): number {
+/** Bytes of a block of `tensors` in a window slot: quantized weights blockwise, each tensor 8-byte aligned. */
+function streamedBlockBytes(tensors: readonly TensorShape[]): number {
   let bytes = 0
-  for (const t of b.tensors) {
-    bytes = align(bytes, 8) + (t.bits === 32 || t.layout === 'blockwise' ? tensorBytes(t) : blockwiseBytes(t.rows, t.cols))
-  }
+  for (const t of tensors) bytes = align(bytes, 8) + (t.bits === 32 ? t.rows * t.cols * 4 : blockwiseBytes(t.rows, t.cols))
   return bytes
 }
 
 /** Bytes of a stored tensor in its own layout. */
-function tensorBytes(t: TensorEntry): number {
+function tensorBytes(t: TensorShape): number {
   const n = t.rows * t.cols
   if (t.bits === 32) return n * 4
   if (t.layout === 'blockwise') return blockwiseBytes(t.rows, t.cols)

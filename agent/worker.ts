@@ -1,6 +1,6 @@
 import { rm } from 'node:fs/promises'
 import { logger } from '@libp2p/logger'
-import type { LayerShardWeights, LinearWeight, TensorParallelPlan } from '../splitter/index.ts'
+import { formatLayers, type LayerShardWeights, type LinearWeight, type TensorParallelPlan } from '../splitter/index.ts'
 import {
   type AllreduceLink,
   f32Body,
@@ -18,6 +18,7 @@ import { memoryUsage } from './memory.ts'
 import { type ForwardHeader, StageLeader, StageMember, StageRegistry, type StageRole, type StageSession } from './stage-worker.ts'
 import { type EmulatedLink, type MasterMessage, ProtocolError, parseMasterMessage, tensorBodyBytes, VECTOR_NAMES, type WeightName, type WorkerStats } from './protocol.ts'
 import { defaultShardDir, kvCacheBytes } from './shard-encoding.ts'
+import { serveSurvey } from './link-survey.ts'
 import { deviceProfile, serveInfo } from './peer-info.ts'
 import { checkAllreduceFrame, checkForwardFrame, ShardIntake } from './shard-intake.ts'
 import { allreduceTag, type ForwardTimings, ShardRunner } from './shard-runner.ts'
@@ -58,6 +59,11 @@ export interface WorkerOptions {
    * TransportNodeOptions). Default: a fresh key, anyone admitted.
    */
   readonly transport?: Pick<TransportNodeOptions, 'privateKey' | 'membership' | 'onSelfDiscovered'>
+  /**
+   * Loads this device's cached measurement (for its present CPU quota) or measures it now, and publishes it, for a
+   * master's survey (agent/link-survey.ts). Absent: the agent refuses to measure.
+   */
+  readonly measure?: () => Promise<{ readonly cached: boolean }>
 }
 
 /**
@@ -98,6 +104,7 @@ export class WorkerAgent {
     })
     await this.#node.handle(STAGE_PROTOCOL, (channel) => this.#stages.accept(channel))
     await serveInfo(this.#node, () => deviceProfile(this.#sessions > 0))
+    await serveSurvey(this.#node, { shapers: this.#shapers, ...(this.#options.measure ? { measure: this.#options.measure } : {}) })
   }
 
   /** Full multiaddrs (with `/p2p/<peer id>`) masters can dial. */
@@ -303,7 +310,7 @@ export class WorkerAgent {
             const layer = layers[msg.layer]
             const { start, count } = plan.layers
             if (!layer || msg.layer < start || msg.layer >= start + count) {
-              throw new RangeError(`tensor for layer ${msg.layer}: the plan runs layers ${start}..${start + count}`)
+              throw new RangeError(`tensor for layer ${msg.layer}: the plan runs ${formatLayers(start, count)}`)
             }
             if (writer) {
               const expected = tensorBodyBytes(msg.bits, msg.rows, msg.cols)

@@ -30,6 +30,7 @@ export {
   planTensorParallel,
   proportionalShares,
 } from './tensor-parallel-plan.ts'
+export { formatLayers } from './layer-range.ts'
 export {
   type ClusterPlan,
   type ClusterPlanChoice,

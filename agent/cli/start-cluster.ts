@@ -17,6 +17,11 @@ import type { AgentProbe } from '../peer-info.ts'
 import { loadTokenizer, type MasterTokenizer } from '../tokenizer/load-tokenizer.ts'
 import { byteSize, collect, wholeNumber } from './arguments.ts'
 import { createClusterProgress } from './cluster-progress.ts'
+import type { ClusterSurvey } from '../link-survey.ts'
+import { checkPlanFits } from '../plan-fit.ts'
+import { surveyedClusterSpec } from '../surveyed-cluster.ts'
+import { surveyForPlanning } from './cluster-survey.ts'
+import { plannedFor } from './plan.ts'
 import { describePlan, PLAN_HELP, resolvePlan } from './plan-option.ts'
 import { addSecurityOptions, loadSecurity, localWorkerIdentities, type SecurityFlags } from './security.ts'
 
@@ -60,6 +65,8 @@ export interface ClusterFlags extends SecurityFlags {
   recover?: boolean
   /** `--recovery adopt|even`: how a lost worker is replaced (see ClusterOptions.recovery). */
   recovery?: 'adopt' | 'even'
+  /** `--probe-links`: measure every link before planning (see cluster-survey.ts); `--plan auto` plans with them. */
+  probeLinks?: boolean
 }
 
 /** What `edgeshard emulate` changes in a cluster's start (see emulate.ts); `run` and `serve` use the defaults. */
@@ -71,10 +78,18 @@ export interface ClusterSetup {
   readonly spawnWorkers?: (count: number, agentArgs: (index: number) => readonly string[]) => Promise<LocalWorkers>
   /** Emulated links between devices (0 = master, i = worker i). */
   readonly links?: (from: number, to: number) => LinkEmulation | undefined
-  /** The plan `--plan auto` picks for the model over that many devices. */
-  readonly autoPlan?: (model: ModelDescription, nDevices: number) => ClusterPlan
-  /** Runs once the cluster is up, before anything is generated (e.g. measuring the emulated links). */
-  readonly onStarted?: (cluster: Cluster) => Promise<void>
+  /**
+   * The plan `--plan auto` picks for the model over that many devices, given what the survey measured (links with
+   * `--probe-links`, profiles with `measuredProfiles`). Absent (`run`, `serve`): `--plan auto` plans from a survey of
+   * every link and every device's published measurement.
+   */
+  readonly autoPlan?: (model: ModelDescription, nDevices: number, survey?: ClusterSurvey) => ClusterPlan
+  /** `--plan auto` wants every device's published measurement (`emulate --profiles measured`). */
+  readonly measuredProfiles?: boolean
+  /** Device names (0 = master), checked against a plan file's; default `master`, `worker-1`, … (not checked). */
+  readonly deviceNames?: readonly string[]
+  /** Each device's memory budget (`emulate`: the cluster file's), checked against the plan before anything starts. */
+  readonly deviceBudgets?: readonly number[]
 }
 
 /** Adds the cluster flags (model, peers/workers/discovery, threads, context, memory, quiet) to `command`. */
@@ -115,6 +130,7 @@ export function addClusterOptions(command: Command): Command {
     .option('--trace <file>', 'write Chrome trace events of every peer (compute, allreduce, I/O, network, tokens) to this JSON file on exit')
     .option('--plan <plan>', PLAN_HELP)
     .option('--plan-file <file>', 'execute this cluster plan (JSON, e.g. from `edgeshard plan --json`)')
+    .option('--probe-links', 'measure every link (master ↔ worker and worker ↔ worker: rtt, throughput) over libp2p before planning; --plan auto plans with the measurements')
     .addOption(
       new Option('--peer-deadline <ms>', 'a worker silent this long (plus an allowance for long prompts) is treated as lost')
         .argParser(wholeNumber(1))
@@ -199,8 +215,31 @@ export async function startCluster(flags: ClusterFlags, setup: ClusterSetup = {}
     workerAddrs = agents.map((a) => a.address)
   }
   const nPeers = workerAddrs ? workerAddrs.length + 1 : (flags.peers ?? 3)
-  // Build and check the plan before any process starts or socket opens (throws RangeError naming the numbers).
-  const plan = resolvePlan(flags, model, nPeers, setup.autoPlan && (() => setup.autoPlan!(model, nPeers)))
+  const names = Array.from({ length: nPeers }, (_, d) => setup.deviceNames?.[d] ?? (d === 0 ? 'master' : `worker-${d}`))
+  // Every budget known here: emulate's devices, or --memory-budget on the master and the local workers.
+  const budgets = names.map((name, d) => ({
+    name,
+    budgetBytes: setup.deviceBudgets ? setup.deviceBudgets[d] : d === 0 || workerAddrs === undefined ? flags.memoryBudget : undefined,
+  }))
+  // What the survey before planning measures: links with --probe-links; for --plan auto without profiles of its own
+  // (run, serve) or with measured ones (emulate --profiles measured), every device's published measurement and links.
+  const auto = flags.plan === 'auto' && flags.planFile === undefined
+  const surveyProfiles = auto && (!setup.autoPlan || setup.measuredProfiles === true)
+  const surveyLinks = flags.probeLinks === true || (auto && !setup.autoPlan)
+  const autoPlan = (survey?: ClusterSurvey): ClusterPlan => {
+    if (setup.autoPlan) return setup.autoPlan(model, nPeers, survey)
+    const spec = surveyedClusterSpec('the measured cluster', names, budgets.map((b) => b.budgetBytes), survey!)
+    return plannedFor(spec, model, flags.quantizedMatmul)
+  }
+  // Build and check the plan before any process starts or socket opens (throws RangeError naming the numbers), unless
+  // it is planned from what the survey measures.
+  const deferred = auto && (surveyProfiles || surveyLinks)
+  const resolve = (survey?: ClusterSurvey): ClusterPlan => {
+    const plan = resolvePlan(flags, model, nPeers, () => autoPlan(survey), setup.deviceNames)
+    checkPlanFits(model, plan, budgets, flags.planFile === undefined ? '' : `plan file ${flags.planFile}: `)
+    return plan
+  }
+  let plan = deferred ? null : resolve()
 
   const threads = flags.threads ?? Math.max(1, Math.floor(cpus().length / (workerAddrs ? 1 : nPeers)))
   const budget = flags.memoryBudget === undefined ? {} : { memoryBudgetBytes: flags.memoryBudget }
@@ -221,6 +260,18 @@ export async function startCluster(flags: ClusterFlags, setup: ClusterSetup = {}
     }
     // A lone master keeps every core for its onnxruntime threads; with local workers each peer gets its own core.
     if (flags.pinCores && local) pinToCore(process.pid, 0)
+    if (surveyProfiles || surveyLinks) {
+      const survey = await surveyForPlanning(
+        addresses,
+        { links: surveyLinks, profiles: surveyProfiles, names, transport, ...(setup.links ? { emulated: setup.links } : {}) },
+        (line) => progress.line(line),
+        (line) => process.stderr.write(`edgeshard: ${line}\n`),
+      )
+      if (deferred) {
+        plan = resolve(survey)
+        status(`planned from the measured ${[surveyProfiles ? 'profiles' : '', surveyLinks ? 'links' : ''].filter(Boolean).join(' and ')}`)
+      }
+    }
     const loadStart = performance.now()
     const cluster = await Cluster.start(model, {
       workers: addresses,
@@ -231,7 +282,7 @@ export async function startCluster(flags: ClusterFlags, setup: ClusterSetup = {}
       ...(flags.shardDir === undefined ? {} : { shardDir: flags.shardDir }),
       ...(flags.trace ? { trace: true } : {}),
       transport,
-      plan,
+      plan: plan!,
       ...(setup.links ? { links: setup.links } : {}),
       onLayerDistributed: (layer, layers) => progress.layerDistributed(layer, layers),
       ...(flags.peerDeadline !== undefined ? { peerDeadlineMs: flags.peerDeadline } : {}),
@@ -254,10 +305,6 @@ export async function startCluster(flags: ClusterFlags, setup: ClusterSetup = {}
       `${model.path} on ${nPeers} peer${nPeers > 1 ? 's' : ''} (${describePlan(cluster.clusterPlan)}; ${cluster.wireDtype} on the wire), ` +
         `loaded in ${(performance.now() - loadStart).toFixed(0)} ms`,
     )
-    await setup.onStarted?.(cluster).catch(async (err: unknown) => {
-      await cluster.stop().catch(() => {})
-      throw err
-    })
     const workers = local
     return {
       model,

@@ -143,7 +143,7 @@ describe.skipIf(!HAVE_MODELS)('failure and recovery (real processes over libp2p)
     const run = await runWithFaults(3, 4, twice)
     await expectRecovered(run, 3, twice)
     expect(run.summary.recoveries.at(-1)).toMatchObject({ peers: 2, masterShards: [0, 1, 3] })
-    // Worker 2 leads the stage of layers 2..4 (with worker 3): the plan falls back to even tensor parallelism.
+    // Worker 2 leads the stage of layers 2–4 (with worker 3): the plan falls back to even tensor parallelism.
     const early: Fault[] = [{ worker: 2, signal: 'SIGKILL', afterBytes: 0 }]
     const hybrid = await runWithFaults(1, 4, early, ['--plan', '0+1:2,2+3:3'])
     await expectRecovered(hybrid, 1, early)
