@@ -17,7 +17,6 @@ import {
   type TensorParallelOptions,
   type TensorRef,
   type TensorParallelPlan,
-  buildClusterPlan,
   ggmlColumnsToNBits,
   ggmlToNBits,
   linearColumns,
@@ -42,6 +41,7 @@ import {
 } from '../transport/index.ts'
 import { PeerFailedError } from './errors.ts'
 import { checkDistinctWorkers } from './membership.ts'
+import { masterCapabilities, probeWorkerProfiles, type ReplanChoice, replanOver, type WorkerProfile } from './replan.ts'
 import { defaultShardDir, encodeLayerShard, kvCacheBytes, ownedLayerShard } from './shard-encoding.ts'
 import { Session } from './runtime.ts'
 import { asConstants, type ForwardTimings, linearFeeds, ShardRunner } from './shard-runner.ts'
@@ -55,6 +55,9 @@ import type { EmulatedLink, StageRole, WorkerStats, WorkerTraceHeader } from './
 import { type ChromeTrace, clockOffsetMs, mergeTraces, type PeerTrace, type RecordedSpan, TraceRecorder, traceReceive, tracedLink, type Tracer, wallClockMs } from './trace.ts'
 
 const log = logger('edgeshard:agent:cluster')
+
+/** How long the master waits for the workers' device profiles at start, ms (they answer in a round trip or two). */
+const PROFILE_TIMEOUT_MS = 2000
 
 /** Errors that name a worker that went away, stalled or failed: a forward failing with one of them can recover. */
 const LOSS_ERRORS: ReadonlySet<string> = new Set(['PeerGoneError', 'PeerStalledError', 'PeerFailedError'])
@@ -145,7 +148,8 @@ export interface ClusterOptions {
    * How a lost worker is replaced. `adopt` (default where possible): the master takes over the lost worker's shard,
    * read from its model file (no weights cross the network; survivors keep theirs) — possible while the plan is
    * tensor parallelism over the master and the master holds its share in memory (no `memoryBudgetBytes`); otherwise
-   * `even`: an even tensor-parallel plan over the master and the survivors, every shard sent again.
+   * `even`: a new plan over the master and the survivors, every shard sent again — the planner's (splitter/cluster-plan.ts)
+   * when every one of them published a measured profile, else an even tensor-parallel split (see replan.ts).
    */
   readonly recovery?: 'adopt' | 'even'
   /** Called when a worker is declared lost, before anything else happens (e.g. to kill a local worker process). */
@@ -173,8 +177,13 @@ export interface LostWorker {
 /** What one recovery did and how long each phase took (ms). */
 export interface RecoveryReport {
   readonly lost: readonly LostWorker[]
-  /** `adopt`: the master took over the lost shards; `even`: an even plan over the master and the survivors. */
+  /**
+   * `adopt`: the master took over the lost shards; `even`: a new plan over the master and the survivors, every shard
+   * sent again (made as `replan` says).
+   */
   readonly strategy: 'adopt' | 'even'
+  /** `even`: who made the new plan (the planner on measured profiles, or the even split) and what or why, one line. */
+  readonly replan?: { readonly by: ReplanChoice['by']; readonly why: string }
   /** Shards of the plan the master runs now (its own first). */
   readonly masterShards: readonly number[]
   /** Peers left, the master included. */
@@ -221,7 +230,8 @@ type ReplyType = 'stats' | 'trace' | 'stage-out' | 'ready' | 'stage-ready' | 'ab
  * declares a worker lost when its stream ends, it reports a failure, its allreduce partial misses the round's
  * deadline, or nothing arrives from it for the deadline (see peer-deadline.ts for the rule). A pass that fails
  * because of a lost worker is recovered unless `recover: false`: the survivors drop what is in flight (`abort`), the
- * master plans tensor parallelism over itself and the survivors (even shares), sends the new shards on the same
+ * master re-plans over itself and the survivors (the planner on measured profiles, else even tensor-parallel shares; or
+ * it takes the lost shards over itself, `recovery: 'adopt'`), sends the new shards on the same
  * streams, and re-runs the sequence so far plus the failed pass, so the caller gets the logits it asked for.
  */
 export class Cluster {
@@ -233,7 +243,11 @@ export class Cluster {
   readonly #recover: boolean
   readonly #strategy: 'adopt' | 'even'
   readonly #deadlineMs: number
-  readonly #node: TransportNode | null
+  #node: TransportNode | null
+  /** Address of every worker the cluster has had, by device index − 1 (`options.workers`, then admitted ones). */
+  readonly #addresses: string[]
+  /** Measured profiles and round trips of the workers (info protocol), by device index, for re-planning. */
+  readonly #profiles = new Map<number, WorkerProfile>()
   /** Workers in the cluster (a lost one stays until the next recovery handles it). */
   #links: WorkerLink[]
   /** Workers lost and handled (kept for the wire byte count). */
@@ -285,6 +299,7 @@ export class Cluster {
     this.#strategy = options.recovery ?? 'adopt'
     this.#deadlineMs = options.peerDeadlineMs ?? DEFAULT_PEER_DEADLINE_MS
     this.#clusterPlan = clusterPlan
+    this.#addresses = [...options.workers]
     this.#plan = masterPlanOf(clusterPlan)
     this.#node = node
     this.#links = links
@@ -315,6 +330,7 @@ export class Cluster {
     const links: WorkerLink[] = []
     const tracer = options.trace ? new TraceRecorder() : undefined
     const shapers = new Map<string, LinkShaper>()
+    let profiles: Promise<Map<number, WorkerProfile>> = Promise.resolve(new Map())
     let head: Session | null = null
     let cluster: Cluster | null = null
     try {
@@ -329,25 +345,15 @@ export class Cluster {
           const address = options.workers[u.device - 1]!
           // A fresh connection per address: libp2p would reuse the first agent's for a second one with the same peer id.
           const channel = await node.dial(address, TENSOR_PARALLEL_PROTOCOL, { ...(options.signal ? { signal: options.signal } : {}), fresh: true })
-          links.push({
-            index: u.device,
-            address,
-            channel,
-            stage: u.stage,
-            shardIndex: u.shardIndex,
-            role: u.role,
-            hubIndex: -1,
-            lost: null,
-            lostAt: 0,
-            lostAtWallMs: 0,
-            epoch: 0,
-            heardAt: performance.now(),
-            heardBytes: 0,
-            report: null,
-          })
+          links.push({ ...workerLink(u.device, address, channel, 0), stage: u.stage, shardIndex: u.shardIndex, role: u.role })
         }
         // Before any plan or weight leaves: refuse two agents answering as one peer id (a copied identity key).
         await checkDistinctWorkers(node, links.map((l) => ({ index: l.index, address: l.address, peer: l.channel.remotePeer })), options.signal ? { signal: options.signal } : {})
+        // Their measured profiles, for a re-plan when one is lost (asked before they load a shard: free memory).
+        profiles = probeWorkerProfiles(node, links.map((l) => ({ device: l.index, address: l.address })), {
+          timeoutMs: PROFILE_TIMEOUT_MS,
+          ...(options.signal ? { signal: options.signal } : {}),
+        })
       }
       // The classifier is baked into the head graph as an initializer (pre-packed by ORT; fast for MatMulNBits).
       const classifier = source.linear('output.weight')
@@ -369,6 +375,7 @@ export class Cluster {
         { threads: options.threads },
       )
       cluster = new Cluster(model, options, clusterPlan, node, links, head, source, tracer, shapers)
+      for (const [device, profile] of await profiles) cluster.#profiles.set(device, profile)
       source.clear()
       for (const link of links) void cluster.#route(link)
       cluster.#startWatchdog() // a worker that stalls while loading must not hang the start
@@ -599,7 +606,7 @@ export class Cluster {
    *
    * When a worker is lost before or during the pass (its stream ends, it reports a failure, or it stays silent past
    * the deadline) and recovery is on, the pass is recovered: survivors abort what is in flight, the master re-plans
-   * tensor parallelism over itself and the survivors (even shares; the master alone when none is left), re-sends the
+   * over itself and the survivors (see `recovery`; the master alone when none is left), re-sends the
    * shards, and runs the sequence since the last `reset` plus `tokens` again, so the caller gets the same logits.
    * Several losses (one after another or at once) are recovered the same way.
    * @param allLogits return logits for every fed position instead of only the last.
@@ -776,6 +783,7 @@ export class Cluster {
     let abortMs = 0
     let replanMs = 0
     let reshardMs = 0
+    let replan: ReplanChoice | null = null
     for (let attempt = 1; ; attempt++) {
       for (const l of this.#links.filter((link) => link.lost)) {
         const reason = l.lost!
@@ -837,15 +845,12 @@ export class Cluster {
           this.#stages = [{ kind: 'local', plan: this.#clusterPlan.stages[0]!, members: survivors }]
           reshardMs += performance.now() - t
         } else {
-          const built = buildClusterPlan(this.model.config, [{ devices: [0, ...survivors.map((l) => l.index)], layers: this.model.config.nLayers }], this.#options.workers.length + 1, {
-            ...planConstraints(this.model),
-            quantizedMatmul: this.#plan.quantizedMatmul,
-          })
+          replan = this.#replan(survivors.map((l) => l.index))
           const why = (device: number): string => {
             const w = lost.find((x) => x.device === device)
             return w ? `lost: ${w.kind === 'stalled' ? 'stalled' : 'went away'}` : 'not in the plan'
           }
-          const plan: ClusterPlan = { ...built, excluded: built.excluded.map((e) => ({ device: e.device, reason: why(e.device) })) }
+          const plan: ClusterPlan = { ...replan.plan, excluded: this.#absent(replan.plan).map((device) => ({ device, reason: why(device) })) }
           replanMs += performance.now() - t
           t = performance.now()
           this.#stages = []
@@ -856,7 +861,18 @@ export class Cluster {
         // A survivor lost meanwhile would stall the first pass: go again without it now.
         if (this.#live().length < this.#links.length) throw new Error('a worker was lost while the cluster recovered')
         const masterShards = [0, ...this.#adopted.map((a) => a.shardIndex)]
-        return { lost, strategy: adopt ? 'adopt' : 'even', masterShards, peers: survivors.length + 1, positions: this.#history.length, abortMs, replanMs, reshardMs, attempts: attempt }
+        return {
+          lost,
+          strategy: adopt ? 'adopt' : 'even',
+          ...(replan && !adopt ? { replan: { by: replan.by, why: replan.why } } : {}),
+          masterShards,
+          peers: survivors.length + 1,
+          positions: this.#history.length,
+          abortMs,
+          replanMs,
+          reshardMs,
+          attempts: attempt,
+        }
       } catch (err) {
         // Nobody else was lost meanwhile: this is not a loss a re-plan can fix (or the cluster is stopping).
         if (this.#closing || this.#live().length === this.#links.length) {
@@ -866,6 +882,34 @@ export class Cluster {
         log('recovery %d failed (%s): going again without the workers lost meanwhile', epoch, (err as Error).message)
       }
     }
+  }
+
+  /**
+   * The plan over the master and workers `devices` (see replan.ts): the planner's when the master and every one of
+   * them published a measured profile, else the even tensor-parallel split.
+   */
+  #replan(devices: readonly number[]): ReplanChoice {
+    const master = masterCapabilities()
+    const budget = this.#options.memoryBudgetBytes
+    const choice = replanOver(
+      this.model,
+      [
+        { device: 0, ...(master ? { capabilities: master } : {}), ...(budget !== undefined ? { budgetBytes: budget } : {}) },
+        ...[...devices].sort((a, b) => a - b).map((device) => {
+          const p = this.#profiles.get(device)
+          return { device, ...(p?.capabilities ? { capabilities: p.capabilities } : {}), ...(p ? { rttMs: p.rttMs } : {}) }
+        }),
+      ],
+      { nDevices: this.#addresses.length + 1, quantizedMatmul: this.#plan.quantizedMatmul },
+    )
+    log('re-plan over %d devices by %s: %s', devices.length + 1, choice.by, choice.why)
+    return choice
+  }
+
+  /** Workers the cluster has had that `plan` gives no part, by device index. */
+  #absent(plan: ClusterPlan): number[] {
+    const used = new Set(plan.stages.flatMap((s) => s.devices))
+    return this.#addresses.map((_, i) => i + 1).filter((d) => !used.has(d))
   }
 
   /** Takes over shard `shardIndex` of the master's stage: slices it from the model file and loads it here. */
@@ -1165,6 +1209,26 @@ export class Cluster {
   }
 }
 
+/** A new worker link on `channel`, with no part in a plan yet. */
+function workerLink(index: number, address: string, channel: FramedChannel, epoch: number): WorkerLink {
+  return {
+    index,
+    address,
+    channel,
+    stage: -1,
+    shardIndex: -1,
+    role: 'member',
+    hubIndex: -1,
+    lost: null,
+    lostAt: 0,
+    lostAtWallMs: 0,
+    epoch,
+    heardAt: performance.now(),
+    heardBytes: 0,
+    report: null,
+  }
+}
+
 /** The tensor-parallel plan of the master's stage, else the first stage's. */
 function masterPlanOf(plan: ClusterPlan): TensorParallelPlan {
   return (plan.stages.find((s) => s.devices.includes(0)) ?? plan.stages[0]!).tensorParallel
@@ -1182,6 +1246,7 @@ function mergePhases(a: RecoveryPhases, b: RecoveryPhases): RecoveryPhases {
   return {
     lost: [...a.lost, ...b.lost],
     strategy: b.strategy,
+    ...(b.replan ? { replan: b.replan } : {}),
     masterShards: b.masterShards,
     peers: b.peers,
     positions: b.positions,

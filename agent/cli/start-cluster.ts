@@ -120,8 +120,10 @@ export function addClusterOptions(command: Command): Command {
 
 /**
  * The one line the CLI prints after a recovery, e.g. `worker 2 (peer 12D3…) lost (stalled 1012 ms): re-planned over
- * 2 peers, KV rebuilt for 37 positions in 81 ms (recovery 450 ms: detect 5, abort 3, re-plan 1, re-shard 280, rebuild 81)`
- * or, when the master took the shard over, `…: the master took over shard 2 (3 peers left), KV rebuilt …`.
+ * 2 peers by the planner (pipeline, one device per stage, …, 1.21 ms/token predicted), KV rebuilt for 37 positions in
+ * 81 ms (recovery 450 ms: detect 5, abort 3, re-plan 1, re-shard 280, rebuild 81)`, `…: re-planned over 2 peers with an
+ * even split (worker 1 published no measured profile), …`, or, when the master took the shard over, `…: the master
+ * took over its shard (3 peers left; it runs shards 0, 2), KV rebuilt …`.
  */
 export function describeRecovery(r: RecoveryReport): string {
   const ms = (v: number): string => v.toFixed(0)
@@ -133,7 +135,7 @@ export function describeRecovery(r: RecoveryReport): string {
     r.strategy === 'adopt'
       ? `the master took over ${adopted} (${r.peers > 1 ? `${r.peers} peers left` : 'it continues alone'}; it runs shards ${r.masterShards.join(', ')})`
       : r.peers > 1
-        ? `re-planned over ${r.peers} peers`
+        ? `re-planned over ${r.peers} peers ${r.replan?.by === 'planner' ? `by the planner (${r.replan.why})` : `with an even split${r.replan ? ` (${r.replan.why})` : ''}`}`
         : 'the master continues alone'
   return (
     `${lost}: ${where}, KV rebuilt for ${r.positions} positions in ${ms(r.rebuildMs)} ms ` +

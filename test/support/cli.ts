@@ -30,10 +30,13 @@ export interface CliResult {
   stderr: string
 }
 
-/** Runs `edgeshard ...args` as a real process with the pinned Node. */
-export function runCli(args: readonly string[], options: { timeoutMs?: number; onSpawn?: (child: ChildProcess) => void } = {}): Promise<CliResult> {
+/** Runs `edgeshard ...args` as a real process with the pinned Node (`env`: variables added to this process's). */
+export function runCli(
+  args: readonly string[],
+  options: { timeoutMs?: number; onSpawn?: (child: ChildProcess) => void; env?: Readonly<Record<string, string>> } = {},
+): Promise<CliResult> {
   return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [CLI, ...args], { stdio: ['ignore', 'pipe', 'pipe'] })
+    const child = spawn(process.execPath, [CLI, ...args], { stdio: ['ignore', 'pipe', 'pipe'], ...(options.env ? { env: { ...process.env, ...options.env } } : {}) })
     const out: Buffer[] = []
     let err = ''
     child.stdout.on('data', (b: Buffer) => out.push(b))
