@@ -56,6 +56,9 @@ import { type ChromeTrace, clockOffsetMs, mergeTraces, type PeerTrace, type Reco
 
 const log = logger('edgeshard:agent:cluster')
 
+/** How long {@link Cluster.admit} waits for a worker's connection by default, ms. */
+const DEFAULT_DIAL_TIMEOUT_MS = 2000
+
 /** How long the master waits for the workers' device profiles at start, ms (they answer in a round trip or two). */
 const PROFILE_TIMEOUT_MS = 2000
 
@@ -206,6 +209,25 @@ export interface RecoveryReport {
   readonly attempts: number
 }
 
+/** What {@link Cluster.admit} did. */
+export interface AdmitReport {
+  /** Workers that joined, by device index (an address the cluster had before keeps its index). */
+  readonly admitted: readonly { readonly device: number; readonly peer: string; readonly address: string }[]
+  /** Addresses that could not be dialled, or were refused (the peer is in the cluster already), and why. */
+  readonly unreachable: readonly { readonly address: string; readonly reason: string }[]
+  /** Workers found lost since the last pass and left out of the new plan, by device index. */
+  readonly dropped: readonly number[]
+  /** Peers in the plan now, the master included. */
+  readonly peers: number
+  /**
+   * The plan now running: `initial` (every device of the plan the cluster started with is back, and no other), else
+   * a re-plan as after a loss (see replan.ts); `why` in one line. Absent when nobody joined (nothing changed).
+   */
+  readonly plan?: { readonly by: 'initial' | ReplanChoice['by']; readonly why: string }
+  /** Dialling, re-planning and installing the plan on every peer, ms. */
+  readonly totalMs: number
+}
+
 /** Wire and time counters since the cluster started, for the run summary. */
 export interface ClusterCounters {
   allreduces: number
@@ -246,6 +268,8 @@ export class Cluster {
   #node: TransportNode | null
   /** Address of every worker the cluster has had, by device index − 1 (`options.workers`, then admitted ones). */
   readonly #addresses: string[]
+  /** The plan the cluster started with: installed again when exactly its devices are back (see {@link admit}). */
+  readonly #initialPlan: ClusterPlan
   /** Measured profiles and round trips of the workers (info protocol), by device index, for re-planning. */
   readonly #profiles = new Map<number, WorkerProfile>()
   /** Workers in the cluster (a lost one stays until the next recovery handles it). */
@@ -300,6 +324,7 @@ export class Cluster {
     this.#deadlineMs = options.peerDeadlineMs ?? DEFAULT_PEER_DEADLINE_MS
     this.#clusterPlan = clusterPlan
     this.#addresses = [...options.workers]
+    this.#initialPlan = clusterPlan
     this.#plan = masterPlanOf(clusterPlan)
     this.#node = node
     this.#links = links
@@ -578,6 +603,139 @@ export class Cluster {
   /** Positions in the KV cache. */
   get position(): number {
     return this.#position
+  }
+
+  /** The workers in the plan now (not lost): device index, the address they were dialled at, and peer id. */
+  get workers(): { readonly device: number; readonly address: string; readonly peer: string }[] {
+    return this.#live().map((l) => ({ device: l.index, address: l.address, peer: l.channel.remotePeer }))
+  }
+
+  /**
+   * Admits workers between generations (issue 8: a peer that comes back, or a new one, is used from the next request
+   * on). Dials each of `addresses` that is not a live worker's on a fresh connection (a worker lost earlier and
+   * restarted, or a new agent); when any answers, re-plans over the master, the live workers and the new ones and
+   * installs the plan on all of them (every shard sent again): the plan the cluster started with when exactly its
+   * devices are back, otherwise a re-plan as after a loss (the planner on measured profiles, else the even split). An
+   * address the cluster had before keeps its device index; a new one gets the next. Workers lost since the last pass
+   * are left out. Call it between generations, never during one: the KV caches are empty afterwards (as after
+   * {@link reset}). A worker that fails while the plan is installed is handled as a loss (recovered, unless
+   * `recover: false`).
+   * @returns who joined and which addresses did not answer (not an error; nothing changes when nobody joins)
+   * @throws the cluster's failure when it has failed; what the installation throws when it cannot recover
+   */
+  async admit(addresses: readonly string[], options: { signal?: AbortSignal; dialTimeoutMs?: number } = {}): Promise<AdmitReport> {
+    this.#throwIfFailed()
+    if (this.#inFlight) throw new RangeError('cannot admit workers during a forward pass')
+    const started = performance.now()
+    const unreachable: { address: string; reason: string }[] = []
+    const unchanged = (): AdmitReport => ({ admitted: [], unreachable, dropped: [], peers: this.size, totalMs: performance.now() - started })
+    const wanted = [...new Set(addresses)].filter((a) => !this.#live().some((l) => l.address === a))
+    if (wanted.length === 0) return unchanged()
+    const node = await this.#ensureNode()
+    const timeout = AbortSignal.timeout(options.dialTimeoutMs ?? DEFAULT_DIAL_TIMEOUT_MS)
+    const signal = options.signal ? AbortSignal.any([options.signal, timeout]) : timeout
+    const dialled = await Promise.all(
+      wanted.map((address) =>
+        node.dial(address, TENSOR_PARALLEL_PROTOCOL, { signal, fresh: true }).then(
+          (channel) => ({ address, channel }),
+          (err: unknown) => {
+            unreachable.push({ address, reason: (err as Error).message })
+            return null
+          },
+        ),
+      ),
+    )
+    const fresh: { address: string; channel: FramedChannel }[] = []
+    for (const d of dialled) {
+      if (!d) continue
+      const peer = d.channel.remotePeer
+      const same = [...this.#live().map((l) => ({ address: l.address, peer: l.channel.remotePeer })), ...fresh.map((f) => ({ address: f.address, peer: f.channel.remotePeer }))].find(
+        (x) => x.peer === peer,
+      )
+      if (same) {
+        await d.channel.close().catch(() => {})
+        unreachable.push({ address: d.address, reason: `peer ${peer} is in the cluster already, at ${same.address}` })
+        continue
+      }
+      fresh.push(d)
+    }
+    if (fresh.length === 0) return unchanged()
+    // Workers lost since the last pass take no part: the new plan stands in for the recovery they would have had.
+    const dropped = this.#links.filter((l) => l.lost)
+    this.#gone.push(...dropped)
+    this.#links = this.#live()
+    this.#hub = null
+    for (const waiting of this.#replies.values()) waiting.reject(new Error('superseded by a new plan'))
+    this.#replies.clear()
+    const epoch = ++this.#epoch
+    const survivors = this.#links
+    const joined = fresh.map(({ address, channel }) => {
+      if (!this.#addresses.includes(address)) this.#addresses.push(address)
+      this.#profiles.delete(this.#addresses.indexOf(address) + 1)
+      return workerLink(this.#addresses.indexOf(address) + 1, address, channel, epoch)
+    })
+    this.#links = [...survivors, ...joined]
+    for (const l of joined) void this.#route(l)
+    if (this.#watchdog === undefined) this.#startWatchdog()
+    log('admitting %d workers (%s) beside %d', joined.length, joined.map((l) => l.index).join(', '), survivors.length)
+    let plan: AdmitReport['plan']
+    try {
+      const [profiles] = await Promise.all([
+        probeWorkerProfiles(node, joined.map((l) => ({ device: l.index, address: l.address })), { timeoutMs: PROFILE_TIMEOUT_MS }),
+        // The survivors drop their shards (and stage roles) for the new plan.
+        settleAll(
+          survivors.map(async (l) => {
+            const acked = this.#expect(l, 'aborted')
+            acked.catch(() => {})
+            await this.#send(l, { type: 'abort', epoch, step: this.#step })
+            await acked
+          }),
+        ),
+      ])
+      for (const [device, profile] of profiles) this.#profiles.set(device, profile)
+      const devices = this.#links.map((l) => l.index)
+      const initial = new Set(this.#initialPlan.stages.flatMap((s) => s.devices).filter((d) => d > 0))
+      let next: ClusterPlan
+      if (initial.size === devices.length && devices.every((d) => initial.has(d))) {
+        next = this.#initialPlan
+        plan = { by: 'initial', why: 'every device of the starting plan is back' }
+      } else {
+        const choice = this.#replan(devices)
+        next = { ...choice.plan, excluded: this.#absent(choice.plan).map((device) => ({ device, reason: 'not in the cluster' })) }
+        plan = { by: choice.by, why: choice.why }
+      }
+      this.#stages = []
+      this.#position = 0
+      this.#history = []
+      await this.#install(next, false)
+      if (this.#live().length < this.#links.length) throw new Error('a worker was lost while the new plan was installed')
+    } catch (err) {
+      // A newcomer that refused its shard (a report of its own, e.g. its memory budget) is let go like a lost worker;
+      // anything lost meanwhile is recovered as during generation.
+      for (const l of joined) if (l.report && !l.lost) this.#lose(l, err as Error)
+      if (!this.#recover || this.#closing || this.#live().length === this.#links.length) {
+        this.#failure ??= err as Error
+        throw err
+      }
+      const t = performance.now()
+      const phases = await this.#recoverLost()
+      this.#recovered({ ...phases, detectMs: 0, rebuildMs: 0, totalMs: performance.now() - t })
+      plan = phases.replan ?? { by: 'even', why: 'recovered from a loss while admitting' }
+    }
+    const admitted = joined.filter((l) => !l.lost).map((l) => ({ device: l.index, peer: l.channel.remotePeer, address: l.address }))
+    const report: AdmitReport = { admitted, unreachable, dropped: dropped.map((l) => l.index), peers: this.size, plan, totalMs: performance.now() - started }
+    log('admitted: %o', report)
+    return report
+  }
+
+  /** The libp2p node, started now if the cluster began without workers. */
+  async #ensureNode(): Promise<TransportNode> {
+    if (!this.#node) {
+      const node = new TransportNode({ listen: [], linkShaper: (peer) => this.#shapers.get(peer), ...this.#options.transport })
+      await node.start()
+      this.#node = node
+    }
+    return this.#node
   }
 
   /** Starts a new sequence on every peer (leaders relay it to their members). */

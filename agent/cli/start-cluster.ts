@@ -7,7 +7,7 @@ import { cpus } from 'node:os'
 import { fileURLToPath } from 'node:url'
 import { type Command, Option } from 'commander'
 import { type ClusterPlan, loadModel, type ModelDescription } from '../../splitter/index.ts'
-import type { LinkEmulation } from '../../transport/index.ts'
+import type { LinkEmulation, TransportNodeOptions } from '../../transport/index.ts'
 import { Cluster, type RecoveryReport } from '../cluster.ts'
 import { type DiscoverOptions, discoverAgents } from '../discovery.ts'
 import { DiscoveryError, UsageError } from '../errors.ts'
@@ -150,6 +150,10 @@ export interface StartedCluster {
   readonly cluster: Cluster
   /** Peers, the master included. */
   readonly peers: number
+  /** Addresses of the running agents it was started with (`--workers`, or found by discovery); none for local workers. */
+  readonly workerAddresses: readonly string[]
+  /** The master's libp2p identity and membership (to reach more agents as a member). */
+  readonly transport: Pick<TransportNodeOptions, 'privateKey' | 'membership'>
   /** Status lines (stderr, unless --quiet). */
   readonly status: (line: string) => void
   /** Stops the cluster and any local workers. */
@@ -253,6 +257,8 @@ export async function startCluster(flags: ClusterFlags, setup: ClusterSetup = {}
       tokenizer,
       cluster,
       peers: nPeers,
+      workerAddresses: workerAddrs ?? [],
+      transport,
       status,
       async stop() {
         if (flags.trace) {
