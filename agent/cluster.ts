@@ -171,6 +171,8 @@ export interface LostWorker {
   readonly kind: 'gone' | 'stalled'
   /** Why, one line. */
   readonly reason: string
+  /** The failure it reported of its own before it went (e.g. a shard block that failed its checksum), if any. */
+  readonly report?: string
   /** How long nothing had arrived from it when it was declared lost, ms. */
   readonly silentMs: number
   /** When it was declared lost, Unix ms. */
@@ -951,6 +953,7 @@ export class Cluster {
           address: l.address,
           kind: reason.name === 'PeerStalledError' ? 'stalled' : 'gone',
           reason: reason.message,
+          ...(l.report ? { report: l.report.message } : {}),
           silentMs: Math.max(0, l.lostAt - l.heardAt),
           detectedAtMs: l.lostAtWallMs,
         })

@@ -128,7 +128,7 @@ export function addClusterOptions(command: Command): Command {
 export function describeRecovery(r: RecoveryReport): string {
   const ms = (v: number): string => v.toFixed(0)
   const lost = r.lost
-    .map((w) => `worker ${w.device} (peer ${w.peer}) lost (${w.kind === 'stalled' ? `stalled ${ms(w.silentMs)} ms` : 'went away'})`)
+    .map((w) => `worker ${w.device} (peer ${w.peer}) lost (${w.kind === 'stalled' ? `stalled ${ms(w.silentMs)} ms` : w.report !== undefined ? `failed: ${w.report}` : 'went away'})`)
     .join(', ')
   const adopted = r.lost.length === 1 ? 'its shard' : 'their shards'
   const where =

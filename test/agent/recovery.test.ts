@@ -24,7 +24,7 @@ const DEADLINE = ['--peer-deadline', '1000']
  * 2 peer, 4 silence of a stall, 6 or 7 peers left, 8 positions, 10 the recovery's total ms.
  */
 const NOTICE =
-  /^edgeshard: worker (\d) \(peer (\S+)\) lost \((went away|stalled (\d+) ms)\): (re-planned over (\d) peers (?:by the planner|with an even split)(?: \(.*?\))?|the master continues alone|the master took over its shard \((?:(\d) peers left|it continues alone); it runs shards [\d, ]+\)), KV rebuilt for (\d+) positions in (\d+) ms \(recovery (\d+) ms: detect \d+, abort \d+, re-plan \d+, re-shard \d+, rebuild \d+\)$/gm
+  /^edgeshard: worker (\d) \(peer (\S+)\) lost \((went away|stalled (\d+) ms|failed: .*?)\): (re-planned over (\d) peers (?:by the planner|with an even split)(?: \(.*?\))?|the master continues alone|the master took over its shard \((?:(\d) peers left|it continues alone); it runs shards [\d, ]+\)), KV rebuilt for (\d+) positions in (\d+) ms \(recovery (\d+) ms: detect \d+, abort \d+, re-plan \d+, re-shard \d+, rebuild \d+\)$/gm
 
 /** A fault: `signal` to local worker `worker`, once the previous faults' notices are out and `afterBytes` of text. */
 interface Fault {
