@@ -357,7 +357,7 @@ export class Cluster {
     const links: WorkerLink[] = []
     const tracer = options.trace ? new TraceRecorder() : undefined
     const shapers = new Map<string, LinkShaper>()
-    let profiles: Promise<Map<number, WorkerProfile>> = Promise.resolve(new Map())
+    let profiles = new Map<number, WorkerProfile>()
     let head: Session | null = null
     let cluster: Cluster | null = null
     try {
@@ -376,8 +376,9 @@ export class Cluster {
         }
         // Before any plan or weight leaves: refuse two agents answering as one peer id (a copied identity key).
         await checkDistinctWorkers(node, links.map((l) => ({ index: l.index, address: l.address, peer: l.channel.remotePeer })), options.signal ? { signal: options.signal } : {})
-        // Their measured profiles, for a re-plan when one is lost (asked before they load a shard: free memory).
-        profiles = probeWorkerProfiles(node, links.map((l) => ({ device: l.index, address: l.address })), {
+        // Their measured profiles, for a re-plan when one is lost: asked before they load a shard (free memory), and
+        // before the head session is built (that blocks this thread for long enough to time the answers out).
+        profiles = await probeWorkerProfiles(node, links.map((l) => ({ device: l.index, address: l.address })), {
           timeoutMs: PROFILE_TIMEOUT_MS,
           ...(options.signal ? { signal: options.signal } : {}),
         })
@@ -402,7 +403,7 @@ export class Cluster {
         { threads: options.threads },
       )
       cluster = new Cluster(model, options, clusterPlan, node, links, head, source, tracer, shapers)
-      for (const [device, profile] of await profiles) cluster.#profiles.set(device, profile)
+      for (const [device, profile] of profiles) cluster.#profiles.set(device, profile)
       source.clear()
       for (const link of links) void cluster.#route(link)
       cluster.#startWatchdog() // a worker that stalls while loading must not hang the start
