@@ -18,7 +18,6 @@ import {
   type TensorParallelOptions,
   type TensorRef,
   type TensorParallelPlan,
-  buildClusterPlan,
   ggmlColumnsToNBits,
   ggmlToNBits,
   linearColumns,
@@ -45,6 +44,7 @@ import {
 } from '../transport/index.ts'
 import { PeerFailedError } from './errors.ts'
 import { checkDistinctWorkers } from './membership.ts'
+import { masterCapabilities, probeWorkerProfiles, type ReplanChoice, replanOver, type WorkerProfile } from './replan.ts'
 import { defaultShardDir, encodeLayerShard, kvCacheBytes, ownedLayerShard } from './shard-encoding.ts'
 import { Session } from './runtime.ts'
 import { asConstants, type ForwardTimings, linearFeeds, ShardRunner } from './shard-runner.ts'
@@ -58,6 +58,12 @@ import type { EmulatedLink, StageRole, WorkerStats, WorkerTraceHeader } from './
 import { type ChromeTrace, clockOffsetMs, mergeTraces, type PeerTrace, type RecordedSpan, TraceRecorder, traceReceive, tracedLink, type Tracer, wallClockMs } from './trace.ts'
 
 const log = logger('edgeshard:agent:cluster')
+
+/** How long {@link Cluster.admit} waits for a worker's connection by default, ms. */
+const DEFAULT_DIAL_TIMEOUT_MS = 2000
+
+/** How long the master waits for the workers' device profiles at start, ms (they answer in a round trip or two). */
+const PROFILE_TIMEOUT_MS = 2000
 
 /** Errors that name a worker that went away, stalled or failed: a forward failing with one of them can recover. */
 const LOSS_ERRORS: ReadonlySet<string> = new Set(['PeerGoneError', 'PeerStalledError', 'PeerFailedError'])
@@ -154,7 +160,8 @@ export interface ClusterOptions {
    * How a lost worker is replaced. `adopt` (default where possible): the master takes over the lost worker's shard,
    * read from its model file (no weights cross the network; survivors keep theirs) — possible while the plan is
    * tensor parallelism over the master and the master holds its share in memory (no `memoryBudgetBytes`); otherwise
-   * `even`: an even tensor-parallel plan over the master and the survivors, every shard sent again.
+   * `even`: a new plan over the master and the survivors, every shard sent again — the planner's (splitter/cluster-plan.ts)
+   * when every one of them published a measured profile, else an even tensor-parallel split (see replan.ts).
    */
   readonly recovery?: 'adopt' | 'even'
   /** Called when a worker is declared lost, before anything else happens (e.g. to kill a local worker process). */
@@ -173,6 +180,8 @@ export interface LostWorker {
   readonly kind: 'gone' | 'stalled'
   /** Why, one line. */
   readonly reason: string
+  /** The failure it reported of its own before it went (e.g. a shard block that failed its checksum), if any. */
+  readonly report?: string
   /** How long nothing had arrived from it when it was declared lost, ms. */
   readonly silentMs: number
   /** When it was declared lost, Unix ms. */
@@ -182,8 +191,13 @@ export interface LostWorker {
 /** What one recovery did and how long each phase took (ms). */
 export interface RecoveryReport {
   readonly lost: readonly LostWorker[]
-  /** `adopt`: the master took over the lost shards; `even`: an even plan over the master and the survivors. */
+  /**
+   * `adopt`: the master took over the lost shards; `even`: a new plan over the master and the survivors, every shard
+   * sent again (made as `replan` says).
+   */
   readonly strategy: 'adopt' | 'even'
+  /** `even`: who made the new plan (the planner on measured profiles, or the even split) and what or why, one line. */
+  readonly replan?: { readonly by: ReplanChoice['by']; readonly why: string }
   /** Shards of the plan the master runs now (its own first). */
   readonly masterShards: readonly number[]
   /** Peers left, the master included. */
@@ -204,6 +218,25 @@ export interface RecoveryReport {
   readonly totalMs: number
   /** Recovery attempts (more than 1 when another worker was lost while recovering). */
   readonly attempts: number
+}
+
+/** What {@link Cluster.admit} did. */
+export interface AdmitReport {
+  /** Workers that joined, by device index (an address the cluster had before keeps its index). */
+  readonly admitted: readonly { readonly device: number; readonly peer: string; readonly address: string }[]
+  /** Addresses that could not be dialled, or were refused (the peer is in the cluster already), and why. */
+  readonly unreachable: readonly { readonly address: string; readonly reason: string }[]
+  /** Workers found lost since the last pass and left out of the new plan, by device index. */
+  readonly dropped: readonly number[]
+  /** Peers in the plan now, the master included. */
+  readonly peers: number
+  /**
+   * The plan now running: `initial` (every device of the plan the cluster started with is back, and no other), else
+   * a re-plan as after a loss (see replan.ts); `why` in one line. Absent when nobody joined (nothing changed).
+   */
+  readonly plan?: { readonly by: 'initial' | ReplanChoice['by']; readonly why: string }
+  /** Dialling, re-planning and installing the plan on every peer, ms. */
+  readonly totalMs: number
 }
 
 /** Wire and time counters since the cluster started, for the run summary. */
@@ -230,7 +263,8 @@ type ReplyType = 'stats' | 'trace' | 'stage-out' | 'ready' | 'stage-ready' | 'ab
  * declares a worker lost when its stream ends, it reports a failure, its allreduce partial misses the round's
  * deadline, or nothing arrives from it for the deadline (see peer-deadline.ts for the rule). A pass that fails
  * because of a lost worker is recovered unless `recover: false`: the survivors drop what is in flight (`abort`), the
- * master plans tensor parallelism over itself and the survivors (even shares), sends the new shards on the same
+ * master re-plans over itself and the survivors (the planner on measured profiles, else even tensor-parallel shares; or
+ * it takes the lost shards over itself, `recovery: 'adopt'`), sends the new shards on the same
  * streams, and re-runs the sequence so far plus the failed pass, so the caller gets the logits it asked for.
  */
 export class Cluster {
@@ -243,7 +277,13 @@ export class Cluster {
   readonly #strategy: 'adopt' | 'even'
   readonly #deadlineMs: number
   readonly #wireDtype: WireDtype
-  readonly #node: TransportNode | null
+  #node: TransportNode | null
+  /** Address of every worker the cluster has had, by device index − 1 (`options.workers`, then admitted ones). */
+  readonly #addresses: string[]
+  /** The plan the cluster started with: installed again when exactly its devices are back (see {@link admit}). */
+  readonly #initialPlan: ClusterPlan
+  /** Measured profiles and round trips of the workers (info protocol), by device index, for re-planning. */
+  readonly #profiles = new Map<number, WorkerProfile>()
   /** Workers in the cluster (a lost one stays until the next recovery handles it). */
   #links: WorkerLink[]
   /** Workers lost and handled (kept for the wire byte count). */
@@ -298,6 +338,8 @@ export class Cluster {
     this.#deadlineMs = options.peerDeadlineMs ?? DEFAULT_PEER_DEADLINE_MS
     this.#wireDtype = options.wireDtype ?? 'f32'
     this.#clusterPlan = clusterPlan
+    this.#addresses = [...options.workers]
+    this.#initialPlan = clusterPlan
     this.#plan = masterPlanOf(clusterPlan)
     this.#node = node
     this.#links = links
@@ -332,6 +374,7 @@ export class Cluster {
     const links: WorkerLink[] = []
     const tracer = options.trace ? new TraceRecorder() : undefined
     const shapers = new Map<string, LinkShaper>()
+    let profiles = new Map<number, WorkerProfile>()
     let head: Session | null = null
     let cluster: Cluster | null = null
     try {
@@ -346,25 +389,16 @@ export class Cluster {
           const address = options.workers[u.device - 1]!
           // A fresh connection per address: libp2p would reuse the first agent's for a second one with the same peer id.
           const channel = await node.dial(address, TENSOR_PARALLEL_PROTOCOL, { ...(options.signal ? { signal: options.signal } : {}), fresh: true })
-          links.push({
-            index: u.device,
-            address,
-            channel,
-            stage: u.stage,
-            shardIndex: u.shardIndex,
-            role: u.role,
-            hubIndex: -1,
-            lost: null,
-            lostAt: 0,
-            lostAtWallMs: 0,
-            epoch: 0,
-            heardAt: performance.now(),
-            heardBytes: 0,
-            report: null,
-          })
+          links.push({ ...workerLink(u.device, address, channel, 0), stage: u.stage, shardIndex: u.shardIndex, role: u.role })
         }
         // Before any plan or weight leaves: refuse two agents answering as one peer id (a copied identity key).
         await checkDistinctWorkers(node, links.map((l) => ({ index: l.index, address: l.address, peer: l.channel.remotePeer })), options.signal ? { signal: options.signal } : {})
+        // Their measured profiles, for a re-plan when one is lost: asked before they load a shard (free memory), and
+        // before the head session is built (that blocks this thread for long enough to time the answers out).
+        profiles = await probeWorkerProfiles(node, links.map((l) => ({ device: l.index, address: l.address })), {
+          timeoutMs: PROFILE_TIMEOUT_MS,
+          ...(options.signal ? { signal: options.signal } : {}),
+        })
       }
       // The classifier is baked into the head graph as an initializer (pre-packed by ORT; fast for MatMulNBits).
       const classifier = source.linear('output.weight')
@@ -386,6 +420,7 @@ export class Cluster {
         { threads: options.threads },
       )
       cluster = new Cluster(model, options, clusterPlan, node, links, head, source, tracer, shapers)
+      for (const [device, profile] of profiles) cluster.#profiles.set(device, profile)
       source.clear()
       for (const link of links) void cluster.#route(link)
       cluster.#startWatchdog() // a worker that stalls while loading must not hang the start
@@ -600,6 +635,139 @@ export class Cluster {
     return this.#position
   }
 
+  /** The workers in the plan now (not lost): device index, the address they were dialled at, and peer id. */
+  get workers(): { readonly device: number; readonly address: string; readonly peer: string }[] {
+    return this.#live().map((l) => ({ device: l.index, address: l.address, peer: l.channel.remotePeer }))
+  }
+
+  /**
+   * Admits workers between generations (issue 8: a peer that comes back, or a new one, is used from the next request
+   * on). Dials each of `addresses` that is not a live worker's on a fresh connection (a worker lost earlier and
+   * restarted, or a new agent); when any answers, re-plans over the master, the live workers and the new ones and
+   * installs the plan on all of them (every shard sent again): the plan the cluster started with when exactly its
+   * devices are back, otherwise a re-plan as after a loss (the planner on measured profiles, else the even split). An
+   * address the cluster had before keeps its device index; a new one gets the next. Workers lost since the last pass
+   * are left out. Call it between generations, never during one: the KV caches are empty afterwards (as after
+   * {@link reset}). A worker that fails while the plan is installed is handled as a loss (recovered, unless
+   * `recover: false`).
+   * @returns who joined and which addresses did not answer (not an error; nothing changes when nobody joins)
+   * @throws the cluster's failure when it has failed; what the installation throws when it cannot recover
+   */
+  async admit(addresses: readonly string[], options: { signal?: AbortSignal; dialTimeoutMs?: number } = {}): Promise<AdmitReport> {
+    this.#throwIfFailed()
+    if (this.#inFlight) throw new RangeError('cannot admit workers during a forward pass')
+    const started = performance.now()
+    const unreachable: { address: string; reason: string }[] = []
+    const unchanged = (): AdmitReport => ({ admitted: [], unreachable, dropped: [], peers: this.size, totalMs: performance.now() - started })
+    const wanted = [...new Set(addresses)].filter((a) => !this.#live().some((l) => l.address === a))
+    if (wanted.length === 0) return unchanged()
+    const node = await this.#ensureNode()
+    const timeout = AbortSignal.timeout(options.dialTimeoutMs ?? DEFAULT_DIAL_TIMEOUT_MS)
+    const signal = options.signal ? AbortSignal.any([options.signal, timeout]) : timeout
+    const dialled = await Promise.all(
+      wanted.map((address) =>
+        node.dial(address, TENSOR_PARALLEL_PROTOCOL, { signal, fresh: true }).then(
+          (channel) => ({ address, channel }),
+          (err: unknown) => {
+            unreachable.push({ address, reason: (err as Error).message })
+            return null
+          },
+        ),
+      ),
+    )
+    const fresh: { address: string; channel: FramedChannel }[] = []
+    for (const d of dialled) {
+      if (!d) continue
+      const peer = d.channel.remotePeer
+      const same = [...this.#live().map((l) => ({ address: l.address, peer: l.channel.remotePeer })), ...fresh.map((f) => ({ address: f.address, peer: f.channel.remotePeer }))].find(
+        (x) => x.peer === peer,
+      )
+      if (same) {
+        await d.channel.close().catch(() => {})
+        unreachable.push({ address: d.address, reason: `peer ${peer} is in the cluster already, at ${same.address}` })
+        continue
+      }
+      fresh.push(d)
+    }
+    if (fresh.length === 0) return unchanged()
+    // Workers lost since the last pass take no part: the new plan stands in for the recovery they would have had.
+    const dropped = this.#links.filter((l) => l.lost)
+    this.#gone.push(...dropped)
+    this.#links = this.#live()
+    this.#hub = null
+    for (const waiting of this.#replies.values()) waiting.reject(new Error('superseded by a new plan'))
+    this.#replies.clear()
+    const epoch = ++this.#epoch
+    const survivors = this.#links
+    const joined = fresh.map(({ address, channel }) => {
+      if (!this.#addresses.includes(address)) this.#addresses.push(address)
+      this.#profiles.delete(this.#addresses.indexOf(address) + 1)
+      return workerLink(this.#addresses.indexOf(address) + 1, address, channel, epoch)
+    })
+    this.#links = [...survivors, ...joined]
+    for (const l of joined) void this.#route(l)
+    if (this.#watchdog === undefined) this.#startWatchdog()
+    log('admitting %d workers (%s) beside %d', joined.length, joined.map((l) => l.index).join(', '), survivors.length)
+    let plan: AdmitReport['plan']
+    try {
+      const [profiles] = await Promise.all([
+        probeWorkerProfiles(node, joined.map((l) => ({ device: l.index, address: l.address })), { timeoutMs: PROFILE_TIMEOUT_MS }),
+        // The survivors drop their shards (and stage roles) for the new plan.
+        settleAll(
+          survivors.map(async (l) => {
+            const acked = this.#expect(l, 'aborted')
+            acked.catch(() => {})
+            await this.#send(l, { type: 'abort', epoch, step: this.#step })
+            await acked
+          }),
+        ),
+      ])
+      for (const [device, profile] of profiles) this.#profiles.set(device, profile)
+      const devices = this.#links.map((l) => l.index)
+      const initial = new Set(this.#initialPlan.stages.flatMap((s) => s.devices).filter((d) => d > 0))
+      let next: ClusterPlan
+      if (initial.size === devices.length && devices.every((d) => initial.has(d))) {
+        next = this.#initialPlan
+        plan = { by: 'initial', why: 'every device of the starting plan is back' }
+      } else {
+        const choice = this.#replan(devices)
+        next = { ...choice.plan, excluded: this.#absent(choice.plan).map((device) => ({ device, reason: 'not in the cluster' })) }
+        plan = { by: choice.by, why: choice.why }
+      }
+      this.#stages = []
+      this.#position = 0
+      this.#history = []
+      await this.#install(next, false)
+      if (this.#live().length < this.#links.length) throw new Error('a worker was lost while the new plan was installed')
+    } catch (err) {
+      // A newcomer that refused its shard (a report of its own, e.g. its memory budget) is let go like a lost worker;
+      // anything lost meanwhile is recovered as during generation.
+      for (const l of joined) if (l.report && !l.lost) this.#lose(l, err as Error)
+      if (!this.#recover || this.#closing || this.#live().length === this.#links.length) {
+        this.#failure ??= err as Error
+        throw err
+      }
+      const t = performance.now()
+      const phases = await this.#recoverLost()
+      this.#recovered({ ...phases, detectMs: 0, rebuildMs: 0, totalMs: performance.now() - t })
+      plan = phases.replan ?? { by: 'even', why: 'recovered from a loss while admitting' }
+    }
+    const admitted = joined.filter((l) => !l.lost).map((l) => ({ device: l.index, peer: l.channel.remotePeer, address: l.address }))
+    const report: AdmitReport = { admitted, unreachable, dropped: dropped.map((l) => l.index), peers: this.size, plan, totalMs: performance.now() - started }
+    log('admitted: %o', report)
+    return report
+  }
+
+  /** The libp2p node, started now if the cluster began without workers. */
+  async #ensureNode(): Promise<TransportNode> {
+    if (!this.#node) {
+      const node = new TransportNode({ listen: [], linkShaper: (peer) => this.#shapers.get(peer), ...this.#options.transport })
+      await node.start()
+      this.#node = node
+    }
+    return this.#node
+  }
+
   /** Starts a new sequence on every peer (leaders relay it to their members). */
   async reset(): Promise<void> {
     this.#throwIfFailed()
@@ -626,7 +794,7 @@ export class Cluster {
    *
    * When a worker is lost before or during the pass (its stream ends, it reports a failure, or it stays silent past
    * the deadline) and recovery is on, the pass is recovered: survivors abort what is in flight, the master re-plans
-   * tensor parallelism over itself and the survivors (even shares; the master alone when none is left), re-sends the
+   * over itself and the survivors (see `recovery`; the master alone when none is left), re-sends the
    * shards, and runs the sequence since the last `reset` plus `tokens` again, so the caller gets the same logits.
    * Several losses (one after another or at once) are recovered the same way.
    * @param allLogits return logits for every fed position instead of only the last.
@@ -803,6 +971,7 @@ export class Cluster {
     let abortMs = 0
     let replanMs = 0
     let reshardMs = 0
+    let replan: ReplanChoice | null = null
     for (let attempt = 1; ; attempt++) {
       for (const l of this.#links.filter((link) => link.lost)) {
         const reason = l.lost!
@@ -812,6 +981,7 @@ export class Cluster {
           address: l.address,
           kind: reason.name === 'PeerStalledError' ? 'stalled' : 'gone',
           reason: reason.message,
+          ...(l.report ? { report: l.report.message } : {}),
           silentMs: Math.max(0, l.lostAt - l.heardAt),
           detectedAtMs: l.lostAtWallMs,
         })
@@ -864,15 +1034,12 @@ export class Cluster {
           this.#stages = [{ kind: 'local', plan: this.#clusterPlan.stages[0]!, members: survivors }]
           reshardMs += performance.now() - t
         } else {
-          const built = buildClusterPlan(this.model.config, [{ devices: [0, ...survivors.map((l) => l.index)], layers: this.model.config.nLayers }], this.#options.workers.length + 1, {
-            ...planConstraints(this.model),
-            quantizedMatmul: this.#plan.quantizedMatmul,
-          })
+          replan = this.#replan(survivors.map((l) => l.index))
           const why = (device: number): string => {
             const w = lost.find((x) => x.device === device)
             return w ? `lost: ${w.kind === 'stalled' ? 'stalled' : 'went away'}` : 'not in the plan'
           }
-          const plan: ClusterPlan = { ...built, excluded: built.excluded.map((e) => ({ device: e.device, reason: why(e.device) })) }
+          const plan: ClusterPlan = { ...replan.plan, excluded: this.#absent(replan.plan).map((device) => ({ device, reason: why(device) })) }
           replanMs += performance.now() - t
           t = performance.now()
           this.#stages = []
@@ -883,7 +1050,18 @@ export class Cluster {
         // A survivor lost meanwhile would stall the first pass: go again without it now.
         if (this.#live().length < this.#links.length) throw new Error('a worker was lost while the cluster recovered')
         const masterShards = [0, ...this.#adopted.map((a) => a.shardIndex)]
-        return { lost, strategy: adopt ? 'adopt' : 'even', masterShards, peers: survivors.length + 1, positions: this.#history.length, abortMs, replanMs, reshardMs, attempts: attempt }
+        return {
+          lost,
+          strategy: adopt ? 'adopt' : 'even',
+          ...(replan && !adopt ? { replan: { by: replan.by, why: replan.why } } : {}),
+          masterShards,
+          peers: survivors.length + 1,
+          positions: this.#history.length,
+          abortMs,
+          replanMs,
+          reshardMs,
+          attempts: attempt,
+        }
       } catch (err) {
         // Nobody else was lost meanwhile: this is not a loss a re-plan can fix (or the cluster is stopping).
         if (this.#closing || this.#live().length === this.#links.length) {
@@ -893,6 +1071,34 @@ export class Cluster {
         log('recovery %d failed (%s): going again without the workers lost meanwhile', epoch, (err as Error).message)
       }
     }
+  }
+
+  /**
+   * The plan over the master and workers `devices` (see replan.ts): the planner's when the master and every one of
+   * them published a measured profile, else the even tensor-parallel split.
+   */
+  #replan(devices: readonly number[]): ReplanChoice {
+    const master = masterCapabilities()
+    const budget = this.#options.memoryBudgetBytes
+    const choice = replanOver(
+      this.model,
+      [
+        { device: 0, ...(master ? { capabilities: master } : {}), ...(budget !== undefined ? { budgetBytes: budget } : {}) },
+        ...[...devices].sort((a, b) => a - b).map((device) => {
+          const p = this.#profiles.get(device)
+          return { device, ...(p?.capabilities ? { capabilities: p.capabilities } : {}), ...(p ? { rttMs: p.rttMs } : {}) }
+        }),
+      ],
+      { nDevices: this.#addresses.length + 1, quantizedMatmul: this.#plan.quantizedMatmul },
+    )
+    log('re-plan over %d devices by %s: %s', devices.length + 1, choice.by, choice.why)
+    return choice
+  }
+
+  /** Workers the cluster has had that `plan` gives no part, by device index. */
+  #absent(plan: ClusterPlan): number[] {
+    const used = new Set(plan.stages.flatMap((s) => s.devices))
+    return this.#addresses.map((_, i) => i + 1).filter((d) => !used.has(d))
   }
 
   /** Takes over shard `shardIndex` of the master's stage: slices it from the model file and loads it here. */
@@ -1199,6 +1405,26 @@ export class Cluster {
   }
 }
 
+/** A new worker link on `channel`, with no part in a plan yet. */
+function workerLink(index: number, address: string, channel: FramedChannel, epoch: number): WorkerLink {
+  return {
+    index,
+    address,
+    channel,
+    stage: -1,
+    shardIndex: -1,
+    role: 'member',
+    hubIndex: -1,
+    lost: null,
+    lostAt: 0,
+    lostAtWallMs: 0,
+    epoch,
+    heardAt: performance.now(),
+    heardBytes: 0,
+    report: null,
+  }
+}
+
 /** The tensor-parallel plan of the master's stage, else the first stage's. */
 function masterPlanOf(plan: ClusterPlan): TensorParallelPlan {
   return (plan.stages.find((s) => s.devices.includes(0)) ?? plan.stages[0]!).tensorParallel
@@ -1216,6 +1442,7 @@ function mergePhases(a: RecoveryPhases, b: RecoveryPhases): RecoveryPhases {
   return {
     lost: [...a.lost, ...b.lost],
     strategy: b.strategy,
+    ...(b.replan ? { replan: b.replan } : {}),
     masterShards: b.masterShards,
     peers: b.peers,
     positions: b.positions,

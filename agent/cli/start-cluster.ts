@@ -7,7 +7,7 @@ import { cpus } from 'node:os'
 import { fileURLToPath } from 'node:url'
 import { type Command, Option } from 'commander'
 import { type ClusterPlan, loadModel, type ModelDescription } from '../../splitter/index.ts'
-import { type LinkEmulation, WIRE_DTYPES, type WireDtype } from '../../transport/index.ts'
+import { type LinkEmulation, type TransportNodeOptions, WIRE_DTYPES, type WireDtype } from '../../transport/index.ts'
 import { Cluster, type RecoveryReport } from '../cluster.ts'
 import { type DiscoverOptions, discoverAgents } from '../discovery.ts'
 import { DiscoveryError, UsageError } from '../errors.ts'
@@ -146,20 +146,22 @@ export function addClusterOptions(command: Command): Command {
 
 /**
  * The one line the CLI prints after a recovery, e.g. `worker 2 (peer 12D3…) lost (stalled 1012 ms): re-planned over
- * 2 peers, KV rebuilt for 37 positions in 81 ms (recovery 450 ms: detect 5, abort 3, re-plan 1, re-shard 280, rebuild 81)`
- * or, when the master took the shard over, `…: the master took over shard 2 (3 peers left), KV rebuilt …`.
+ * 2 peers by the planner (pipeline, one device per stage, …, 1.21 ms/token predicted), KV rebuilt for 37 positions in
+ * 81 ms (recovery 450 ms: detect 5, abort 3, re-plan 1, re-shard 280, rebuild 81)`, `…: re-planned over 2 peers with an
+ * even split (worker 1 published no measured profile), …`, or, when the master took the shard over, `…: the master
+ * took over its shard (3 peers left; it runs shards 0, 2), KV rebuilt …`.
  */
 export function describeRecovery(r: RecoveryReport): string {
   const ms = (v: number): string => v.toFixed(0)
   const lost = r.lost
-    .map((w) => `worker ${w.device} (peer ${w.peer}) lost (${w.kind === 'stalled' ? `stalled ${ms(w.silentMs)} ms` : 'went away'})`)
+    .map((w) => `worker ${w.device} (peer ${w.peer}) lost (${w.kind === 'stalled' ? `stalled ${ms(w.silentMs)} ms` : w.report !== undefined ? `failed: ${w.report}` : 'went away'})`)
     .join(', ')
   const adopted = r.lost.length === 1 ? 'its shard' : 'their shards'
   const where =
     r.strategy === 'adopt'
       ? `the master took over ${adopted} (${r.peers > 1 ? `${r.peers} peers left` : 'it continues alone'}; it runs shards ${r.masterShards.join(', ')})`
       : r.peers > 1
-        ? `re-planned over ${r.peers} peers`
+        ? `re-planned over ${r.peers} peers ${r.replan?.by === 'planner' ? `by the planner (${r.replan.why})` : `with an even split${r.replan ? ` (${r.replan.why})` : ''}`}`
         : 'the master continues alone'
   return (
     `${lost}: ${where}, KV rebuilt for ${r.positions} positions in ${ms(r.rebuildMs)} ms ` +
@@ -174,6 +176,10 @@ export interface StartedCluster {
   readonly cluster: Cluster
   /** Peers, the master included. */
   readonly peers: number
+  /** Addresses of the running agents it was started with (`--workers`, or found by discovery); none for local workers. */
+  readonly workerAddresses: readonly string[]
+  /** The master's libp2p identity and membership (to reach more agents as a member). */
+  readonly transport: Pick<TransportNodeOptions, 'privateKey' | 'membership'>
   /** Status lines (stderr, unless --quiet). */
   readonly status: (line: string) => void
   /** Stops the cluster and any local workers. */
@@ -311,6 +317,8 @@ export async function startCluster(flags: ClusterFlags, setup: ClusterSetup = {}
       tokenizer,
       cluster,
       peers: nPeers,
+      workerAddresses: workerAddrs ?? [],
+      transport,
       status,
       async stop() {
         if (flags.trace) {
