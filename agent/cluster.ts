@@ -49,7 +49,6 @@ import { defaultShardDir, encodeLayerShard, kvCacheBytes, ownedLayerShard } from
 import { Session } from './runtime.ts'
 import { asConstants, type ForwardTimings, linearFeeds, ShardRunner } from './shard-runner.ts'
 import { LOCAL_ALLREDUCE } from './stage-worker.ts'
-import { type LinkMeasurement, type LinkProbeOptions, probeLink } from './link-probe.ts'
 import { MemoryBudgetError, openShard, ShardFileWriter, type WeightStore } from './weight-store.ts'
 import { memoryUsage } from './memory.ts'
 import { localAllreduceGroup } from './local-group.ts'
@@ -1225,20 +1224,6 @@ export class Cluster {
       overheadBytes: this.#overheadBytes,
     }
     return [master, ...workers.filter((w) => w !== null)]
-  }
-
-  /**
-   * Measures the link from the master to every worker in the plan over the real libp2p streams (round trip and
-   * throughput, see link-probe.ts; emulated links included), by device index.
-   * @throws PeerFailedError when the cluster has failed; whatever the probe throws
-   */
-  async probeLinks(options: LinkProbeOptions | ((device: number) => LinkProbeOptions) = {}): Promise<{ device: number; link: LinkMeasurement }[]> {
-    this.#throwIfFailed()
-    const out: { device: number; link: LinkMeasurement }[] = []
-    for (const l of this.#live()) {
-      out.push({ device: l.index, link: await probeLink(this.#node!, l.address, typeof options === 'function' ? options(l.index) : options) })
-    }
-    return out
   }
 
   /** Device index of each worker in the plan, in the order of {@link peerStats} after the master. */
