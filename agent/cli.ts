@@ -32,10 +32,10 @@ const INPUT_ERRORS = new Set([
   'RangeError',
   'DialError',
   'MemoryBudgetError',
-  // cluster files and cluster plans (issue 7)
+  // cluster files and cluster plans
   'ClusterFileError',
   'InsufficientMemoryError',
-  // identity and membership (issue 8): a bad key or trust file, a non-member worker, a copied identity key
+  // identity and membership: a bad key or trust file, a non-member worker, a copied identity key
   'IdentityError',
   'MembershipConfigError',
   'MembershipError',

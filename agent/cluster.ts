@@ -258,7 +258,7 @@ type ReplyType = 'stats' | 'trace' | 'stage-out' | 'ready' | 'stage-ready' | 'ab
  * the hub of its own stage, a leader the hub of the others; see stage-worker.ts). Raw text and token ids never leave
  * this object: workers receive hidden states only.
  *
- * Failure and recovery (issue 8): every worker sends a heartbeat when it has nothing else to send, and the master
+ * Failure and recovery: every worker sends a heartbeat when it has nothing else to send, and the master
  * declares a worker lost when its stream ends, it reports a failure, its allreduce partial misses the round's
  * deadline, or nothing arrives from it for the deadline (see peer-deadline.ts for the rule). A pass that fails
  * because of a lost worker is recovered unless `recover: false`: the survivors drop what is in flight (`abort`), the
@@ -640,7 +640,7 @@ export class Cluster {
   }
 
   /**
-   * Admits workers between generations (issue 8: a peer that comes back, or a new one, is used from the next request
+   * Admits workers between generations (a peer that comes back, or a new one, is used from the next request
    * on). Dials each of `addresses` that is not a live worker's on a fresh connection (a worker lost earlier and
    * restarted, or a new agent); when any answers, re-plans over the master, the live workers and the new ones and
    * installs the plan on all of them (every shard sent again): the plan the cluster started with when exactly its

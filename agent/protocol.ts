@@ -19,7 +19,7 @@ import type { TensorParallelPlan } from '../splitter/index.ts'
  * `stats`, `trace` and `bye` still go to every worker directly. An `error` may name the peer that caused it (`peer`,
  * e.g. a leader's member that went away).
  *
- * Failure and recovery (issue 8, see cluster.ts): a `plan` with `heartbeatMs` makes the worker send `ping` whenever it
+ * Failure and recovery (see cluster.ts): a `plan` with `heartbeatMs` makes the worker send `ping` whenever it
  * has sent nothing else for that long, so the master can tell a silent (stalled) worker from a busy one; its
  * `peerDeadlineMs` is the base deadline a stage leader gives its members' allreduce partials (see peer-deadline.ts).
  * Its `wireDtype` (`f32` or `f16`, default f32) is the element type of the `ar` frames the worker sends (its partials;

@@ -1,5 +1,5 @@
 /**
- * Peers that come back, or new ones, are used from the next request on (issue 8). A long-lived master (`edgeshard
+ * Peers that come back, or new ones, are used from the next request on. A long-lived master (`edgeshard
  * serve`) calls {@link Rejoiner.beforeRequest} before each generation starts, never during one: it dials the workers
  * the cluster was started with that it lacks now (a worker lost earlier and restarted, same address) and, with
  * discovery, idle agents found on the network since (mDNS on the LAN, `--bootstrap` addresses), and when any answers

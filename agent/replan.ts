@@ -1,5 +1,5 @@
 /**
- * Which plan a cluster runs after its membership changed (issue 8): a worker lost (re-plan over the survivors) or a
+ * Which plan a cluster runs after its membership changed: a worker lost (re-plan over the survivors) or a
  * worker admitted between requests (re-plan over everyone). With a measured profile for every device (the info
  * protocol's `measured`, see peer-info.ts and device-measure.ts) the planner of splitter/cluster-plan.ts picks the
  * fastest predicted plan that gives every device a part; otherwise, or when no such plan fits, TPI-LLM's even

@@ -1,5 +1,5 @@
 /**
- * What a worker accepts from a master for one plan (issue 8, "hostile and broken input"): the plan itself (every field
+ * What a worker accepts from a master for one plan ("hostile and broken input"): the plan itself (every field
  * typed and bounded, shares consistent, tables that fit this device, a known wire dtype), then exactly the `tensor` frames the plan gives
  * this shard (layer, name, shape, bits and body size, each once), then `load-done` with that count; and `ar` frames
  * shaped [seq, dim] in a known dtype. Anything else is a ProtocolError naming the frame, the field and what was

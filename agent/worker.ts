@@ -138,7 +138,7 @@ export class WorkerAgent {
     let threads = 1
     let layers: Partial<Record<WeightName, LinearWeight>>[] = []
     let received = 0
-    /** Checks of the current plan's shard load (issue 8): every tensor and load-done is validated against the plan. */
+    /** Checks of the current plan's shard load: every tensor and load-done is validated against the plan. */
     let intake: ShardIntake | null = null
     let runner: ShardRunner | null = null
     let writer: ShardFileWriter | null = null
@@ -151,7 +151,7 @@ export class WorkerAgent {
     // Pipeline and hybrid plans: the worker's part in a stage without the master (null: member of the master's stage).
     let stage: StageRole | null = null
     let links: readonly EmulatedLink[] = []
-    // Recovery (issue 8): the master's epoch, the first step of its passes (earlier `forward`/`ar` frames are stale),
+    // Recovery: the master's epoch, the first step of its passes (earlier `forward`/`ar` frames are stale),
     // and whether a pass failed because of another worker (passes are then dropped until the master's `abort`).
     let epoch = 0
     let firstStep = 0

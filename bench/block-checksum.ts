@@ -1,5 +1,5 @@
 /**
- * What checking every sliding-window read costs (issue 8): the CRC-32 (node:zlib) the StreamingStore computes on each
+ * What checking every sliding-window read costs: the CRC-32 (node:zlib) the StreamingStore computes on each
  * half-layer block it reads from disk, on TinyLlama-1.1B-size blocks. Two parts:
  * - the hash alone (crc32, and sha256 for comparison) on one block of a 4-way tensor-parallel shard (f32, as the window
  *   holds it) and of the whole layer, median ms and GB/s;

@@ -209,7 +209,7 @@ export async function startCluster(flags: ClusterFlags, setup: ClusterSetup = {}
   const status = (line: string): void => {
     if (!flags.quiet) process.stderr.write(`edgeshard: ${line}\n`)
   }
-  // The master's identity and the workers it admits (issue 8); local workers get a fresh key each and are admitted.
+  // The master's identity and the workers it admits; local workers get a fresh key each and are admitted.
   // (a refused worker fails the start with a MembershipError naming it: no separate line for the refusal)
   const security = await loadSecurity(flags, 'master')
   if (security.identity.created) status(`created identity key ${security.identity.path}`)

@@ -1,5 +1,5 @@
 /**
- * Hostile and broken input (issue 8): thousands of random and mutated frames sent to a live `edgeshard agent` over
+ * Hostile and broken input: thousands of random and mutated frames sent to a live `edgeshard agent` over
  * real libp2p streams (tcp + noise + yamux) on several protocols. Each case is one stream: random bytes, oversized or
  * malformed length prefixes, garbage msgpack headers, unknown types, plans with one field mutated, a valid plan then
  * tensors of the wrong shape, bits, name, layer or size, truncated frames, frames cut into random chunks, and a few

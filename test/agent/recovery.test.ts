@@ -1,5 +1,5 @@
 /**
- * Failure and recovery (issue 8) with real processes on 127.0.0.1: workers killed (SIGKILL) or stalled (SIGSTOP) at
+ * Failure and recovery with real processes on 127.0.0.1: workers killed (SIGKILL) or stalled (SIGSTOP) at
  * seeded points of a greedy generation, with 3 and 4 peers; the run must still print exactly llama2.c's reference
  * tokens and text, say once per recovery what it did and how long it took, and leave no process behind. A killed
  * master leaves standalone agents alive and idle, and a new master generates the reference through them.

@@ -1,5 +1,5 @@
 /**
- * The rejoiner's choices between requests (issue 8), against a stand-in cluster: which addresses it dials, the back-off
+ * The rejoiner's choices between requests, against a stand-in cluster: which addresses it dials, the back-off
  * of those that do not answer, and which discovered agents it takes (idle ones not in the cluster).
  */
 import { describe, expect, it } from 'vitest'

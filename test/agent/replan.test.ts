@@ -1,5 +1,5 @@
 /**
- * Re-planning after a membership change (issue 8): the planner on measured profiles when every device has one (the
+ * Re-planning after a membership change: the planner on measured profiles when every device has one (the
  * fastest plan that still gives every device a part), otherwise the even tensor-parallel split, saying which and why.
  */
 import { join } from 'node:path'

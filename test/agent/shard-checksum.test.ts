@@ -1,5 +1,5 @@
 /**
- * Shard checksums (issue 8): the shard files a master and a worker write with `--memory-budget` (real processes) carry
+ * Shard checksums: the shard files a master and a worker write with `--memory-budget` (real processes) carry
  * a sha256 per half-layer block; one flipped byte anywhere in a block, or a truncated file, is detected when the shard
  * is opened and named: the file, the layer, the block (kind, position, byte range) and both digests. The sliding
  * window also checks each block's CRC-32 every time it reads it: a byte flipped on disk after the open, even during a

@@ -1,5 +1,5 @@
 /**
- * A worker's side of recovery (issue 8) over a real libp2p stream on 127.0.0.1, the test playing the master:
+ * A worker's side of recovery over a real libp2p stream on 127.0.0.1, the test playing the master:
  * heartbeats when idle, `abort` of a pass stuck in an allreduce (answered `aborted`, never reported as an error),
  * stale `forward` and `ar` frames of the aborted epoch ignored, and a second plan and shard on the same stream that
  * then computes normally.

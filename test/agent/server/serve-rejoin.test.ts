@@ -1,5 +1,5 @@
 /**
- * "A peer that comes back or a new peer is used from the next request on" (issue 8), real processes on 127.0.0.1:
+ * "A peer that comes back or a new peer is used from the next request on", real processes on 127.0.0.1:
  * `edgeshard serve` over two standalone agents found at `--bootstrap` addresses (a third address has no agent yet).
  * One agent is killed (SIGKILL) mid-request: that request still gives llama2.c's reference text, on 2 peers. The agent
  * restarts with the same identity at the same address: the next request re-installs the starting plan on 3 peers. An
