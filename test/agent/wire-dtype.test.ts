@@ -10,7 +10,7 @@
  * The runs are deterministic (fixed summation order, one onnxruntime thread per peer on this 2-core machine), so
  * these figures are asserted as measured.
  */
-import { mkdtempSync, readFileSync } from 'node:fs'
+import { mkdtempSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
@@ -28,7 +28,7 @@ import {
 } from '../../splitter/index.ts'
 import { decodeF16, roundToF16InPlace } from '../../transport/f16.ts'
 import { type Frame, type FramedChannel, TENSOR_PARALLEL_PROTOCOL, TransportNode } from '../../transport/index.ts'
-import { HAVE_MODELS, MODELS_DIR, referenceCases, runCli } from '../support/cli.ts'
+import { HAVE_MODELS, MODELS_DIR, referenceCases, runWithLogits } from '../support/cli.ts'
 import { seededRandom } from '../support/random.ts'
 
 const VOCAB = 512
@@ -140,9 +140,7 @@ describe.skipIf(!HAVE_MODELS)('stories260K with f16 on the wire, 3 peers (real p
 
   async function generate(index: number, wireDtype: 'f32' | 'f16', plan?: string): Promise<{ summary: Summary; logits: Float32Array }> {
     const c = cases[index]!
-    const tag = `${wireDtype}-${index}${plan ? '-stages' : ''}`
-    const result = await runCli([
-      'run',
+    return runWithLogits<Summary>(dir, `${wireDtype}-${index}${plan ? '-stages' : ''}`, [
       '--model', join(MODELS_DIR, 'stories260K.bin'),
       '--prompt', c.prompt,
       '--peers', '3',
@@ -150,19 +148,9 @@ describe.skipIf(!HAVE_MODELS)('stories260K with f16 on the wire, 3 peers (real p
       ...(plan ? ['--plan', plan] : []),
       '--max-tokens', String(c.steps - c.prompt_tokens.length + 1),
       '--temperature', '0',
-      '--summary-json', join(dir, `${tag}.json`),
-      '--dump-logits', join(dir, `${tag}.f32`),
     ])
-    expect(result.stderr).not.toMatch(/Error:|at .*\.ts:\d+/)
-    expect(result.code).toBe(0)
-    const bytes = readFileSync(join(dir, `${tag}.f32`))
-    return {
-      summary: JSON.parse(readFileSync(join(dir, `${tag}.json`), 'utf8')) as Summary,
-      logits: new Float32Array(bytes.buffer, bytes.byteOffset, bytes.byteLength / 4), // [positions, vocab] f32
-    }
   }
 
-  /** Index of the first position where `got` departs from `want` (a missing or extra token counts), or -1. */
   /** Largest absolute difference of two logit dumps of the same length. */
   function maxAbsDiff(a: Float32Array, b: Float32Array): number {
     expect(a.length).toBe(b.length)

@@ -1,5 +1,6 @@
 import { type ChildProcess, spawn } from 'node:child_process'
 import { existsSync, readFileSync } from 'node:fs'
+import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 
 /** ../shared/models beside the repository. */
@@ -225,4 +226,24 @@ export function startServe(args: readonly string[], timeoutMs = 60_000): Promise
       })
     })
   })
+}
+
+/**
+ * `edgeshard run ...args` with its summary and logits dumped to `dir/<tag>.json` and `dir/<tag>.f32`.
+ * @returns the summary, the logits ([positions, vocab] f32) and stdout
+ * @throws Error with the CLI's stderr when it fails or prints a stack trace
+ */
+export async function runWithLogits<S>(dir: string, tag: string, args: readonly string[]): Promise<{ summary: S; logits: Float32Array; stdout: Buffer }> {
+  const summaryPath = join(dir, `${tag}.json`)
+  const logitsPath = join(dir, `${tag}.f32`)
+  const result = await runCli(['run', ...args, '--summary-json', summaryPath, '--dump-logits', logitsPath])
+  if (result.code !== 0 || /Error:|at .*\.ts:\d+/.test(result.stderr)) {
+    throw new Error(`edgeshard run ${args.join(' ')} exited with ${result.code}: ${result.stderr}`)
+  }
+  const bytes = readFileSync(logitsPath)
+  return {
+    summary: JSON.parse(readFileSync(summaryPath, 'utf8')) as S,
+    logits: new Float32Array(bytes.buffer, bytes.byteOffset, bytes.byteLength / 4),
+    stdout: result.stdout,
+  }
 }
