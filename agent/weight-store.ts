@@ -337,15 +337,19 @@ export class StreamingStore implements WeightStore {
     }
     const largest = needs.largestBlockBytes
     const workspace = needs.workspaceBytes
+    // A blockwise copy made just now was converted from verified blocks and hashed as written: not read back again.
+    let verify = options.verify ?? true
     if (needs.quantized) {
-      dir = await prepareBlockwise(shardDir, index, options.verify ?? true)
+      const copy = await prepareBlockwise(shardDir, index, verify)
+      dir = copy.dir
       index = await readIndex(dir)
+      if (copy.made) verify = false
     }
     const window = Math.min(index.blocks.length, Math.floor((options.budgetBytes - options.kvCacheBytes - workspace) / largest))
     const file = await open(join(dir, 'blocks.bin'), 'r')
     const check = options.checkReads ?? true
     const crcs: (number | null)[] = index.blocks.map((b) => (check && b.crc32 !== undefined ? b.crc32 : null))
-    if (options.verify ?? true) {
+    if (verify) {
       const buffer = new Uint8Array(largest)
       try {
         for (let i = 0; i < index.blocks.length; i++) {
@@ -500,17 +504,17 @@ function tensorBytes(t: TensorShape): number {
  * laid out blockwise (splitter/quant/blockwise.ts), the layout the sliding window's graphs read (MatMulNBits is only
  * fast on constant weights). Made once, block by block (one source and one converted block in memory), checked
  * against the source's digests when reused.
- * @returns the copy's directory.
+ * @returns the copy's directory, and whether it was made now (else an earlier copy of the same shard was reused).
  * @throws ShardFileError as {@link readBlock} for a corrupted source block.
  */
-async function prepareBlockwise(dir: string, index: ShardIndex, verify: boolean): Promise<string> {
+async function prepareBlockwise(dir: string, index: ShardIndex, verify: boolean): Promise<{ dir: string; made: boolean }> {
   const out = join(dir, 'blockwise')
   const source = createHash('sha256')
     .update(index.blocks.map((b) => b.sha256).join(','))
     .digest('hex')
   try {
     const existing = JSON.parse(await readFile(join(out, 'index.json'), 'utf8')) as ShardIndex
-    if (existing.source === source) return out
+    if (existing.source === source) return { dir: out, made: false }
   } catch {
     // not made yet (or unreadable): make it
   }
@@ -545,7 +549,7 @@ async function prepareBlockwise(dir: string, index: ShardIndex, verify: boolean)
   } finally {
     await file.close()
   }
-  return out
+  return { dir: out, made: true }
 }
 
 function layoutFromIndex(index: ShardIndex): BlockLayout {

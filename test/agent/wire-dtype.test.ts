@@ -16,7 +16,6 @@ import { join } from 'node:path'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { encodeLayerShard } from '../../agent/shard-encoding.ts'
 import { allreduceTag } from '../../agent/shard-runner.ts'
-import { WorkerAgent } from '../../agent/worker.ts'
 import {
   type LinearWeight,
   loadModel,
@@ -27,38 +26,20 @@ import {
   toLinearWeight,
 } from '../../splitter/index.ts'
 import { decodeF16, roundToF16InPlace } from '../../transport/f16.ts'
-import { type Frame, type FramedChannel, TENSOR_PARALLEL_PROTOCOL, TransportNode } from '../../transport/index.ts'
+import type { Frame } from '../../transport/index.ts'
+import { type WorkerSession, startWorkerSession } from '../support/worker-session.ts'
 import { HAVE_MODELS, MODELS_DIR, referenceCases, runWithLogits } from '../support/cli.ts'
 import { seededRandom } from '../support/random.ts'
 
 const VOCAB = 512
 
 describe.skipIf(!HAVE_MODELS)('a worker sends the wire dtype its plan frame names (real libp2p stream, the test as master)', () => {
-  let worker: WorkerAgent
-  let master: TransportNode
-  let channel: FramedChannel
-  const ended: (Error | undefined)[] = []
-
-  /** The next frame that is not a heartbeat. */
-  const next = async (): Promise<Frame> => {
-    for (;;) {
-      const frame = await channel.read({ signal: AbortSignal.timeout(10_000) })
-      if (frame === null) throw new Error('the worker closed the stream')
-      if (frame.header.type !== 'ping') return frame
-    }
-  }
-
+  let session: WorkerSession
   beforeAll(async () => {
-    worker = new WorkerAgent({ listen: ['/ip4/127.0.0.1/tcp/0'], onSessionEnd: (_peer, error) => ended.push(error) })
-    await worker.start()
-    master = new TransportNode({ listen: [] })
-    await master.start()
-    channel = await master.dial(worker.multiaddrs()[0]!, TENSOR_PARALLEL_PROTOCOL, { fresh: true })
+    session = await startWorkerSession()
   })
   afterAll(async () => {
-    await channel?.close().catch(() => {})
-    await master?.stop()
-    await worker?.stop()
+    await session?.stop()
   })
 
   it('f32 partials by default, f16 partials (the f16 rounding of the same values) after a plan with wireDtype f16, a bad dtype refused', async () => {
@@ -79,10 +60,10 @@ describe.skipIf(!HAVE_MODELS)('a worker sends the wire dtype its plan frame name
       })),
     ).flat()
     const load = async (wireDtype?: string): Promise<void> => {
-      await channel.send({ type: 'plan', plan, shardIndex: 1, threads: 1, ...(wireDtype ? { wireDtype } : {}) })
-      for (const t of tensors) await channel.send(t.header, t.body)
-      await channel.send({ type: 'load-done', tensors: tensors.length })
-      expect((await next()).header.type).toBe('ready')
+      await session.channel.send({ type: 'plan', plan, shardIndex: 1, threads: 1, ...(wireDtype ? { wireDtype } : {}) })
+      for (const t of tensors) await session.channel.send(t.header, t.body)
+      await session.channel.send({ type: 'load-done', tensors: tensors.length })
+      expect((await session.next()).header.type).toBe('ready')
     }
     const random = seededRandom(6)
     const hidden = Float32Array.from({ length: 2 * dim }, () => random() - 0.5) // [2, dim] f32
@@ -91,14 +72,14 @@ describe.skipIf(!HAVE_MODELS)('a worker sends the wire dtype its plan frame name
      * (a copy: a frame's body may be a view on the receive buffer, or a Buffer whose slice() is a view too).
      */
     const pass = async (step: number): Promise<{ header: Frame['header']; body: Uint8Array }> => {
-      await channel.send({ type: 'forward', step, pos0: 0, seq: 2 }, hidden)
+      await session.channel.send({ type: 'forward', step, pos0: 0, seq: 2 }, hidden)
       let first: { header: Frame['header']; body: Uint8Array } | undefined
       for (let layer = 0; layer < nLayers; layer++) {
         for (const phase of [0, 1] as const) {
-          const partial = await next()
+          const partial = await session.next()
           expect(partial.header).toMatchObject({ type: 'ar', tag: allreduceTag(step, nLayers, layer, phase) })
           first ??= { header: partial.header, body: new Uint8Array(partial.body) } // a copy in its own buffer
-          await channel.send(partial.header, partial.body.slice())
+          await session.channel.send(partial.header, partial.body.slice())
         }
       }
       return first!
@@ -120,11 +101,11 @@ describe.skipIf(!HAVE_MODELS)('a worker sends the wire dtype its plan frame name
     expect(decodeF16(new Uint16Array(f16.body.buffer))).toEqual(rounded)
     expect(rounded).not.toEqual(exact) // f16 did round something
 
-    await channel.send({ type: 'plan', plan, shardIndex: 1, threads: 1, wireDtype: 'bf16' })
-    const refused = await next()
+    await session.channel.send({ type: 'plan', plan, shardIndex: 1, threads: 1, wireDtype: 'bf16' })
+    const refused = await session.next()
     expect(refused.header).toMatchObject({ type: 'error', errorName: 'ProtocolError', message: 'frame plan: wireDtype must be f32 or f16, got "bf16"' })
-    await expect.poll(() => ended.length).toBe(1)
-    expect(ended[0]?.name).toBe('ProtocolError')
+    await expect.poll(() => session.ended.length).toBe(1)
+    expect(session.ended[0]?.name).toBe('ProtocolError')
   }, 30_000)
 })
 
