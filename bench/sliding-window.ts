@@ -139,7 +139,7 @@ async function runCluster(tag: string, budget: string | null, limits: readonly n
   return { summary: JSON.parse(readFileSync(summaryPath, 'utf8')) as Summary, groups: stats }
 }
 
-function row(mode: string, s: Summary, groups: ReturnType<typeof groupStats>[] | null = null) {
+function row(mode: string, s: Summary, groups: { stats: ReturnType<typeof groupStats>[]; limitsBytes: readonly number[] } | null = null) {
   return {
     mode,
     msPerToken: s.msPerToken,
@@ -151,7 +151,7 @@ function row(mode: string, s: Summary, groups: ReturnType<typeof groupStats>[] |
       allreduceMsPerToken: p.allreduceMs / Math.max(1, p.forwards),
       peakRssMiB: p.peakRssBytes / 2 ** 20,
       runtimeOverheadMiB: p.overheadBytes / 2 ** 20,
-      ...(groups ? { cgroup: { limitMiB: 0, ...groups[i]! } } : {}),
+      ...(groups ? { cgroup: { limitMiB: groups.limitsBytes[i]! / 2 ** 20, ...groups.stats[i]! } } : {}),
     })),
   }
 }
@@ -165,9 +165,7 @@ if (!unavailable) {
   const limits = streaming.summary.perPeer.map((p) => byteSize(values.budget) + p.overheadBytes)
   const dropped = dropPageCache()
   const limited = await runCluster('cgroup', values.budget, limits)
-  const r = row('streaming (each peer in a memory cgroup of budget + overhead)', limited.summary, limited.groups)
-  for (const [i, p] of r.peers.entries()) if (p.cgroup) p.cgroup.limitMiB = limits[i]! / 2 ** 20
-  results.push(r)
+  results.push(row('streaming (each peer in a memory cgroup of budget + overhead)', limited.summary, { stats: limited.groups!, limitsBytes: limits }))
   cgroup = { done: true, limitsBytes: limits, pageCacheDropped: dropped }
 }
 console.log(
