@@ -12,7 +12,7 @@ import { Command, CommanderError, Option } from 'commander'
 import { byteSize, collect, finiteNumber, wholeNumber } from './cli/arguments.ts'
 import { registerPeers } from './cli/peers.ts'
 import { registerPlan } from './cli/plan.ts'
-import { publishDeviceProfile, registerProfile } from './cli/profile.ts'
+import { measureAndPublish, publishDeviceProfile, registerProfile } from './cli/profile.ts'
 import { registerQuantize } from './cli/quantize.ts'
 import { registerReport } from './cli/report.ts'
 import { registerServe } from './cli/serve.ts'
@@ -32,10 +32,10 @@ const INPUT_ERRORS = new Set([
   'RangeError',
   'DialError',
   'MemoryBudgetError',
-  // cluster files and cluster plans (issue 7)
+  // cluster files and cluster plans
   'ClusterFileError',
   'InsufficientMemoryError',
-  // identity and membership (issue 8): a bad key or trust file, a non-member worker, a copied identity key
+  // identity and membership: a bad key or trust file, a non-member worker, a copied identity key
   'IdentityError',
   'MembershipConfigError',
   'MembershipError',
@@ -84,6 +84,7 @@ async function run(flags: RunFlags, setup: ClusterSetup = {}): Promise<void> {
       ttftMs: result.ttftMs,
       msPerToken: result.msPerToken,
       decodeSplit: result.decodeSplit,
+      wireDtype: cluster.wireDtype,
       wireBytesPerToken,
       allreducesPerToken: c.allreduces / Math.max(1, forwards),
       computeMs: c.timings.computeMs,
@@ -97,7 +98,7 @@ async function run(flags: RunFlags, setup: ClusterSetup = {}): Promise<void> {
     if (flags.summaryJson) writeFileSync(flags.summaryJson, `${JSON.stringify(summary, null, 2)}\n`)
     status(
       `${result.generated} tokens, TTFT ${result.ttftMs.toFixed(1)} ms, ${result.msPerToken.toFixed(2)} ms/token, ` +
-        `${Math.round(wireBytesPerToken)} bytes/token on the wire, ${nPeers} peers${recovered(cluster.recoveries.length, cluster.size)}, load ${loadavg()[0]!.toFixed(2)}`,
+        `${Math.round(wireBytesPerToken)} bytes/token on the wire (${cluster.wireDtype} allreduce), ${nPeers} peers${recovered(cluster.recoveries.length, cluster.size)}, load ${loadavg()[0]!.toFixed(2)}`,
     )
     const mib = (b: number): string => `${(b / 2 ** 20).toFixed(0)} MiB`
     for (const [i, p] of peers.entries()) {
@@ -128,6 +129,7 @@ interface AgentFlags extends SecurityFlags {
   listen: string[]
   exitWithParent?: boolean
   memoryBudget?: number
+  shardDir?: string
   mdns: boolean
 }
 
@@ -160,6 +162,8 @@ async function agent(flags: AgentFlags): Promise<void> {
     // Announced on the LAN unless --no-mdns or only reachable on loopback (local workers of `run --peers`).
     mdns: flags.mdns && flags.listen.some((a) => !LOOPBACK.test(a)),
     ...(flags.memoryBudget === undefined ? {} : { memoryBudgetBytes: flags.memoryBudget }),
+    ...(flags.shardDir === undefined ? {} : { shardDir: flags.shardDir }),
+    measure: () => measureAndPublish(),
     onSessionEnd: (peer, error) => {
       if (error) process.stderr.write(`edgeshard agent: session with master ${peer} ended: ${error.message}\n`)
       if (flags.exitWithParent) void shutdown(error ? 1 : 0)
@@ -215,6 +219,7 @@ const agentCommand = program
   .option('--listen <addr>', 'multiaddr to listen on (repeatable, comma-separated)', collect)
   .option('--exit-with-parent', 'exit when the master session ends or stdin closes (used for local workers)')
   .addOption(new Option('--memory-budget <bytes>', 'bytes for weights + KV cache (e.g. 300MB); larger shards stream from disk').argParser(byteSize))
+  .option('--shard-dir <dir>', 'where --memory-budget stores shard files, kept after the session (default: a temporary folder removed with it)')
   .option('--no-mdns', 'do not announce this agent on the LAN (mDNS); masters then need its address')
 addSecurityOptions(agentCommand).action((flags: Omit<AgentFlags, 'listen'> & { listen?: string[] }) =>
   agent({ ...flags, listen: flags.listen ?? ['/ip4/0.0.0.0/tcp/0'] }),

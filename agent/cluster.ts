@@ -1,4 +1,5 @@
 import { randomBytes } from 'node:crypto'
+import { rm } from 'node:fs/promises'
 import { logger } from '@libp2p/logger'
 import {
   buildOutputHead,
@@ -17,7 +18,6 @@ import {
   type TensorParallelOptions,
   type TensorRef,
   type TensorParallelPlan,
-  buildClusterPlan,
   ggmlColumnsToNBits,
   ggmlToNBits,
   linearColumns,
@@ -39,14 +39,16 @@ import {
   TENSOR_PARALLEL_PROTOCOL,
   TransportNode,
   type TransportNodeOptions,
+  WIRE_DTYPES,
+  type WireDtype,
 } from '../transport/index.ts'
 import { PeerFailedError } from './errors.ts'
 import { checkDistinctWorkers } from './membership.ts'
+import { masterCapabilities, probeWorkerProfiles, type ReplanChoice, replanOver, type WorkerProfile } from './replan.ts'
 import { defaultShardDir, encodeLayerShard, kvCacheBytes, ownedLayerShard } from './shard-encoding.ts'
 import { Session } from './runtime.ts'
 import { asConstants, type ForwardTimings, linearFeeds, ShardRunner } from './shard-runner.ts'
 import { LOCAL_ALLREDUCE } from './stage-worker.ts'
-import { type LinkMeasurement, type LinkProbeOptions, probeLink } from './link-probe.ts'
 import { MemoryBudgetError, openShard, ShardFileWriter, type WeightStore } from './weight-store.ts'
 import { memoryUsage } from './memory.ts'
 import { localAllreduceGroup } from './local-group.ts'
@@ -55,6 +57,12 @@ import type { EmulatedLink, StageRole, WorkerStats, WorkerTraceHeader } from './
 import { type ChromeTrace, clockOffsetMs, mergeTraces, type PeerTrace, type RecordedSpan, TraceRecorder, traceReceive, tracedLink, type Tracer, wallClockMs } from './trace.ts'
 
 const log = logger('edgeshard:agent:cluster')
+
+/** How long {@link Cluster.admit} waits for a worker's connection by default, ms. */
+const DEFAULT_DIAL_TIMEOUT_MS = 2000
+
+/** How long the master waits for the workers' device profiles at start, ms (they answer in a round trip or two). */
+const PROFILE_TIMEOUT_MS = 2000
 
 /** Errors that name a worker that went away, stalled or failed: a forward failing with one of them can recover. */
 const LOSS_ERRORS: ReadonlySet<string> = new Set(['PeerGoneError', 'PeerStalledError', 'PeerFailedError'])
@@ -117,6 +125,12 @@ export interface ClusterOptions {
   readonly shardDir?: string
   /** Activations of Q4_0/Q8_0 matmuls: 'exact' f32 (default) or 'int8' blocks (llama.cpp's arithmetic, faster). */
   readonly quantizedMatmul?: 'exact' | 'int8'
+  /**
+   * Element type of the allreduce partials and sums on the wire, for every hub and member of every stage: 'f32'
+   * (default, exact) or 'f16' (half the bytes; each crossing rounds to binary16, see transport/allreduce.ts).
+   * Hidden states between stages stay f32.
+   */
+  readonly wireDtype?: WireDtype
   /** Called after each layer has been sliced and sent to every peer (for progress bars). */
   readonly onLayerDistributed?: (layer: number, layers: number) => void
   /** Record trace spans on every peer (see trace.ts and {@link Cluster.trace}). Default false. */
@@ -150,7 +164,8 @@ export interface ClusterOptions {
    * How a lost worker is replaced. `adopt` (default where possible): the master takes over the lost worker's shard,
    * read from its model file (no weights cross the network; survivors keep theirs) — possible while the plan is
    * tensor parallelism over the master and the master holds its share in memory (no `memoryBudgetBytes`); otherwise
-   * `even`: an even tensor-parallel plan over the master and the survivors, every shard sent again.
+   * `even`: a new plan over the master and the survivors, every shard sent again — the planner's (splitter/cluster-plan.ts)
+   * when every one of them published a measured profile, else an even tensor-parallel split (see replan.ts).
    */
   readonly recovery?: 'adopt' | 'even'
   /** Called when a worker is declared lost, before anything else happens (e.g. to kill a local worker process). */
@@ -169,6 +184,8 @@ export interface LostWorker {
   readonly kind: 'gone' | 'stalled'
   /** Why, one line. */
   readonly reason: string
+  /** The failure it reported of its own before it went (e.g. a shard block that failed its checksum), if any. */
+  readonly report?: string
   /** How long nothing had arrived from it when it was declared lost, ms. */
   readonly silentMs: number
   /** When it was declared lost, Unix ms. */
@@ -178,8 +195,13 @@ export interface LostWorker {
 /** What one recovery did and how long each phase took (ms). */
 export interface RecoveryReport {
   readonly lost: readonly LostWorker[]
-  /** `adopt`: the master took over the lost shards; `even`: an even plan over the master and the survivors. */
+  /**
+   * `adopt`: the master took over the lost shards; `even`: a new plan over the master and the survivors, every shard
+   * sent again (made as `replan` says).
+   */
   readonly strategy: 'adopt' | 'even'
+  /** `even`: who made the new plan (the planner on measured profiles, or the even split) and what or why, one line. */
+  readonly replan?: { readonly by: ReplanChoice['by']; readonly why: string }
   /** Shards of the plan the master runs now (its own first). */
   readonly masterShards: readonly number[]
   /** Peers left, the master included. */
@@ -202,6 +224,25 @@ export interface RecoveryReport {
   readonly attempts: number
 }
 
+/** What {@link Cluster.admit} did. */
+export interface AdmitReport {
+  /** Workers that joined, by device index (an address the cluster had before keeps its index). */
+  readonly admitted: readonly { readonly device: number; readonly peer: string; readonly address: string }[]
+  /** Addresses that could not be dialled, or were refused (the peer is in the cluster already), and why. */
+  readonly unreachable: readonly { readonly address: string; readonly reason: string }[]
+  /** Workers found lost since the last pass and left out of the new plan, by device index. */
+  readonly dropped: readonly number[]
+  /** Peers in the plan now, the master included. */
+  readonly peers: number
+  /**
+   * The plan now running: `initial` (every device of the plan the cluster started with is back, and no other), else
+   * a re-plan as after a loss (see replan.ts); `why` in one line. Absent when nobody joined (nothing changed).
+   */
+  readonly plan?: { readonly by: 'initial' | ReplanChoice['by']; readonly why: string }
+  /** Dialling, re-planning and installing the plan on every peer, ms. */
+  readonly totalMs: number
+}
+
 /** Wire and time counters since the cluster started, for the run summary. */
 export interface ClusterCounters {
   allreduces: number
@@ -222,11 +263,12 @@ type ReplyType = 'stats' | 'trace' | 'stage-out' | 'ready' | 'stage-ready' | 'ab
  * the hub of its own stage, a leader the hub of the others; see stage-worker.ts). Raw text and token ids never leave
  * this object: workers receive hidden states only.
  *
- * Failure and recovery (issue 8): every worker sends a heartbeat when it has nothing else to send, and the master
+ * Failure and recovery: every worker sends a heartbeat when it has nothing else to send, and the master
  * declares a worker lost when its stream ends, it reports a failure, its allreduce partial misses the round's
  * deadline, or nothing arrives from it for the deadline (see peer-deadline.ts for the rule). A pass that fails
  * because of a lost worker is recovered unless `recover: false`: the survivors drop what is in flight (`abort`), the
- * master plans tensor parallelism over itself and the survivors (even shares), sends the new shards on the same
+ * master re-plans over itself and the survivors (the planner on measured profiles, else even tensor-parallel shares; or
+ * it takes the lost shards over itself, `recovery: 'adopt'`), sends the new shards on the same
  * streams, and re-runs the sequence so far plus the failed pass, so the caller gets the logits it asked for.
  */
 export class Cluster {
@@ -238,7 +280,14 @@ export class Cluster {
   readonly #recover: boolean
   readonly #strategy: 'adopt' | 'even'
   readonly #deadlineMs: number
-  readonly #node: TransportNode | null
+  readonly #wireDtype: WireDtype
+  #node: TransportNode | null
+  /** Address of every worker the cluster has had, by device index − 1 (`options.workers`, then admitted ones). */
+  readonly #addresses: string[]
+  /** The plan the cluster started with: installed again when exactly its devices are back (see {@link admit}). */
+  readonly #initialPlan: ClusterPlan
+  /** Measured profiles and round trips of the workers (info protocol), by device index, for re-planning. */
+  readonly #profiles = new Map<number, WorkerProfile>()
   /** Workers in the cluster (a lost one stays until the next recovery handles it). */
   #links: WorkerLink[]
   /** Workers lost and handled (kept for the wire byte count). */
@@ -272,6 +321,8 @@ export class Cluster {
   readonly #replies = new Map<string, { resolve: (frame: Frame) => void; reject: (err: Error) => void }>()
   readonly #tracer: TraceRecorder | undefined
   #overheadBytes = 0
+  /** Default shard directories written by this master, removed at stop. */
+  readonly #ownShardDirs = new Set<string>()
 
   private constructor(
     model: ModelDescription,
@@ -289,7 +340,10 @@ export class Cluster {
     this.#recover = options.recover ?? true
     this.#strategy = options.recovery ?? 'adopt'
     this.#deadlineMs = options.peerDeadlineMs ?? DEFAULT_PEER_DEADLINE_MS
+    this.#wireDtype = options.wireDtype ?? 'f32'
     this.#clusterPlan = clusterPlan
+    this.#addresses = [...options.workers]
+    this.#initialPlan = clusterPlan
     this.#plan = masterPlanOf(clusterPlan)
     this.#node = node
     this.#links = links
@@ -303,7 +357,8 @@ export class Cluster {
   /**
    * Plans the model over the master plus `options.workers` (or checks `options.plan`), dials every worker the plan
    * uses, sends plans and shards, loads the master's own shard, and connects the stages without the master.
-   * @throws RangeError from the planner or the plan check (before any socket opens); DialError naming an unreachable
+   * @throws RangeError from the planner or the plan check, TypeError for an unknown `wireDtype` (both before any
+   *   socket opens); DialError naming an unreachable
    *   worker; PeerFailedError when a worker refuses its shard or a leader cannot reach its members; MemoryBudgetError
    *   when a worker's budget cannot hold its share.
    */
@@ -315,11 +370,15 @@ export class Cluster {
     if (options.peerDeadlineMs !== undefined && !(Number.isFinite(options.peerDeadlineMs) && options.peerDeadlineMs > 0)) {
       throw new RangeError(`peer deadline must be a positive number of ms, got ${options.peerDeadlineMs}`)
     }
+    if (options.wireDtype !== undefined && !WIRE_DTYPES.includes(options.wireDtype)) {
+      throw new TypeError(`invalid wire dtype ${JSON.stringify(options.wireDtype)}: expected ${WIRE_DTYPES.join(' or ')}`)
+    }
     const source = new ModelWeights(model)
     let node: TransportNode | null = null
     const links: WorkerLink[] = []
     const tracer = options.trace ? new TraceRecorder() : undefined
     const shapers = new Map<string, LinkShaper>()
+    let profiles = new Map<number, WorkerProfile>()
     let head: Session | null = null
     let cluster: Cluster | null = null
     try {
@@ -334,25 +393,16 @@ export class Cluster {
           const address = options.workers[u.device - 1]!
           // A fresh connection per address: libp2p would reuse the first agent's for a second one with the same peer id.
           const channel = await node.dial(address, TENSOR_PARALLEL_PROTOCOL, { ...(options.signal ? { signal: options.signal } : {}), fresh: true })
-          links.push({
-            index: u.device,
-            address,
-            channel,
-            stage: u.stage,
-            shardIndex: u.shardIndex,
-            role: u.role,
-            hubIndex: -1,
-            lost: null,
-            lostAt: 0,
-            lostAtWallMs: 0,
-            epoch: 0,
-            heardAt: performance.now(),
-            heardBytes: 0,
-            report: null,
-          })
+          links.push({ ...workerLink(u.device, address, channel, 0), stage: u.stage, shardIndex: u.shardIndex, role: u.role })
         }
         // Before any plan or weight leaves: refuse two agents answering as one peer id (a copied identity key).
         await checkDistinctWorkers(node, links.map((l) => ({ index: l.index, address: l.address, peer: l.channel.remotePeer })), options.signal ? { signal: options.signal } : {})
+        // Their measured profiles, for a re-plan when one is lost: asked before they load a shard (free memory), and
+        // before the head session is built (that blocks this thread for long enough to time the answers out).
+        profiles = await probeWorkerProfiles(node, links.map((l) => ({ device: l.index, address: l.address })), {
+          timeoutMs: PROFILE_TIMEOUT_MS,
+          ...(options.signal ? { signal: options.signal } : {}),
+        })
       }
       // The classifier is baked into the head graph as an initializer (pre-packed by ORT; fast for MatMulNBits).
       const classifier = source.linear('output.weight')
@@ -374,6 +424,7 @@ export class Cluster {
         { threads: options.threads },
       )
       cluster = new Cluster(model, options, clusterPlan, node, links, head, source, tracer, shapers)
+      for (const [device, profile] of profiles) cluster.#profiles.set(device, profile)
       source.clear()
       for (const link of links) void cluster.#route(link)
       cluster.#startWatchdog() // a worker that stalls while loading must not hang the start
@@ -393,6 +444,7 @@ export class Cluster {
         cluster.#closing = true
         clearInterval(cluster.#watchdog)
         await cluster.#runner?.release().catch(() => {})
+        await cluster.#removeShardFiles()
       }
       for (const link of links) link.channel.abort(err as Error)
       await node?.stop()
@@ -458,6 +510,7 @@ export class Cluster {
           ...(emulatedLinks.length > 0 ? { links: emulatedLinks } : {}),
           heartbeatMs,
           peerDeadlineMs: Math.max(1, Math.round(this.#deadlineMs)),
+          wireDtype: this.#wireDtype,
         }).catch(refused(l))
       }),
     )
@@ -467,7 +520,10 @@ export class Cluster {
     const shardDir = options.shardDir ?? defaultShardDir('master')
     let writer: ShardFileWriter | null = null
     try {
-      if (budget !== undefined && masterPlan) writer = await ShardFileWriter.create(shardDir)
+      if (budget !== undefined && masterPlan) {
+        writer = await ShardFileWriter.create(shardDir)
+        if (options.shardDir === undefined) this.#ownShardDirs.add(shardDir)
+      }
       const own: LayerShardWeights[] = Array.from({ length: model.config.nLayers }, () => ({ attention: null, ffn: null }))
       const sent = links.map(() => 0)
       const inStage = (plan: TensorParallelPlan, layer: number): boolean => layer >= plan.layers.start && layer < plan.layers.start + plan.layers.count
@@ -502,7 +558,7 @@ export class Cluster {
         if (writer) {
           const total = await writer.finish()
           writer = null
-          store = await openShard(shardDir, { budgetBytes: budget!, kvCacheBytes: kvCacheBytes(masterPlan, 0) })
+          store = await openShard(shardDir, { budgetBytes: budget!, kvCacheBytes: kvCacheBytes(masterPlan, 0), quantizedMatmul: masterPlan.quantizedMatmul })
           log('master shard: %d bytes on disk', total)
         }
         this.#runner = await ShardRunner.create(masterPlan, 0, store, {
@@ -551,7 +607,7 @@ export class Cluster {
     const tracer = this.#tracer
     this.#hub =
       local && local.members.length > 0
-        ? new StarAllreduceHub(local.members.map((l) => (tracer ? tracedLink(l.channel, tracer) : l.channel)), { deadlineMs: this.#deadlineMs })
+        ? new StarAllreduceHub(local.members.map((l) => (tracer ? tracedLink(l.channel, tracer) : l.channel)), { deadlineMs: this.#deadlineMs, wireDtype: this.#wireDtype })
         : null
     this.#stages = stages
     this.#clusterPlan = clusterPlan
@@ -578,9 +634,147 @@ export class Cluster {
     return this.#tracer
   }
 
+  /** Element type of the allreduce tensors on the wire (`ClusterOptions.wireDtype`). */
+  get wireDtype(): WireDtype {
+    return this.#wireDtype
+  }
+
   /** Positions in the KV cache. */
   get position(): number {
     return this.#position
+  }
+
+  /** The workers in the plan now (not lost): device index, the address they were dialled at, and peer id. */
+  get workers(): { readonly device: number; readonly address: string; readonly peer: string }[] {
+    return this.#live().map((l) => ({ device: l.index, address: l.address, peer: l.channel.remotePeer }))
+  }
+
+  /**
+   * Admits workers between generations (a peer that comes back, or a new one, is used from the next request
+   * on). Dials each of `addresses` that is not a live worker's on a fresh connection (a worker lost earlier and
+   * restarted, or a new agent); when any answers, re-plans over the master, the live workers and the new ones and
+   * installs the plan on all of them (every shard sent again): the plan the cluster started with when exactly its
+   * devices are back, otherwise a re-plan as after a loss (the planner on measured profiles, else the even split). An
+   * address the cluster had before keeps its device index; a new one gets the next. Workers lost since the last pass
+   * are left out. Call it between generations, never during one: the KV caches are empty afterwards (as after
+   * {@link reset}). A worker that fails while the plan is installed is handled as a loss (recovered, unless
+   * `recover: false`).
+   * @returns who joined and which addresses did not answer (not an error; nothing changes when nobody joins)
+   * @throws the cluster's failure when it has failed; what the installation throws when it cannot recover
+   */
+  async admit(addresses: readonly string[], options: { signal?: AbortSignal; dialTimeoutMs?: number } = {}): Promise<AdmitReport> {
+    this.#throwIfFailed()
+    if (this.#inFlight) throw new RangeError('cannot admit workers during a forward pass')
+    const started = performance.now()
+    const unreachable: { address: string; reason: string }[] = []
+    const unchanged = (): AdmitReport => ({ admitted: [], unreachable, dropped: [], peers: this.size, totalMs: performance.now() - started })
+    const wanted = [...new Set(addresses)].filter((a) => !this.#live().some((l) => l.address === a))
+    if (wanted.length === 0) return unchanged()
+    const node = await this.#ensureNode()
+    const timeout = AbortSignal.timeout(options.dialTimeoutMs ?? DEFAULT_DIAL_TIMEOUT_MS)
+    const signal = options.signal ? AbortSignal.any([options.signal, timeout]) : timeout
+    const dialled = await Promise.all(
+      wanted.map((address) =>
+        node.dial(address, TENSOR_PARALLEL_PROTOCOL, { signal, fresh: true }).then(
+          (channel) => ({ address, channel }),
+          (err: unknown) => {
+            unreachable.push({ address, reason: (err as Error).message })
+            return null
+          },
+        ),
+      ),
+    )
+    const fresh: { address: string; channel: FramedChannel }[] = []
+    for (const d of dialled) {
+      if (!d) continue
+      const peer = d.channel.remotePeer
+      const same = [...this.#live().map((l) => ({ address: l.address, peer: l.channel.remotePeer })), ...fresh.map((f) => ({ address: f.address, peer: f.channel.remotePeer }))].find(
+        (x) => x.peer === peer,
+      )
+      if (same) {
+        await d.channel.close().catch(() => {})
+        unreachable.push({ address: d.address, reason: `peer ${peer} is in the cluster already, at ${same.address}` })
+        continue
+      }
+      fresh.push(d)
+    }
+    if (fresh.length === 0) return unchanged()
+    // Workers lost since the last pass take no part: the new plan stands in for the recovery they would have had.
+    const dropped = this.#links.filter((l) => l.lost)
+    this.#gone.push(...dropped)
+    this.#links = this.#live()
+    this.#hub = null
+    for (const waiting of this.#replies.values()) waiting.reject(new Error('superseded by a new plan'))
+    this.#replies.clear()
+    const epoch = ++this.#epoch
+    const survivors = this.#links
+    const joined = fresh.map(({ address, channel }) => {
+      if (!this.#addresses.includes(address)) this.#addresses.push(address)
+      this.#profiles.delete(this.#addresses.indexOf(address) + 1)
+      return workerLink(this.#addresses.indexOf(address) + 1, address, channel, epoch)
+    })
+    this.#links = [...survivors, ...joined]
+    for (const l of joined) void this.#route(l)
+    if (this.#watchdog === undefined) this.#startWatchdog()
+    log('admitting %d workers (%s) beside %d', joined.length, joined.map((l) => l.index).join(', '), survivors.length)
+    let plan: AdmitReport['plan']
+    try {
+      const [profiles] = await Promise.all([
+        probeWorkerProfiles(node, joined.map((l) => ({ device: l.index, address: l.address })), { timeoutMs: PROFILE_TIMEOUT_MS }),
+        // The survivors drop their shards (and stage roles) for the new plan.
+        settleAll(
+          survivors.map(async (l) => {
+            const acked = this.#expect(l, 'aborted')
+            acked.catch(() => {})
+            await this.#send(l, { type: 'abort', epoch, step: this.#step })
+            await acked
+          }),
+        ),
+      ])
+      for (const [device, profile] of profiles) this.#profiles.set(device, profile)
+      const devices = this.#links.map((l) => l.index)
+      const initial = new Set(this.#initialPlan.stages.flatMap((s) => s.devices).filter((d) => d > 0))
+      let next: ClusterPlan
+      if (initial.size === devices.length && devices.every((d) => initial.has(d))) {
+        next = this.#initialPlan
+        plan = { by: 'initial', why: 'every device of the starting plan is back' }
+      } else {
+        const choice = this.#replan(devices)
+        next = { ...choice.plan, excluded: this.#absent(choice.plan).map((device) => ({ device, reason: 'not in the cluster' })) }
+        plan = { by: choice.by, why: choice.why }
+      }
+      this.#stages = []
+      this.#position = 0
+      this.#history = []
+      await this.#install(next, false)
+      if (this.#live().length < this.#links.length) throw new Error('a worker was lost while the new plan was installed')
+    } catch (err) {
+      // A newcomer that refused its shard (a report of its own, e.g. its memory budget) is let go like a lost worker;
+      // anything lost meanwhile is recovered as during generation.
+      for (const l of joined) if (l.report && !l.lost) this.#lose(l, err as Error)
+      if (!this.#recover || this.#closing || this.#live().length === this.#links.length) {
+        this.#failure ??= err as Error
+        throw err
+      }
+      const t = performance.now()
+      const phases = await this.#recoverLost()
+      this.#recovered({ ...phases, detectMs: 0, rebuildMs: 0, totalMs: performance.now() - t })
+      plan = phases.replan ?? { by: 'even', why: 'recovered from a loss while admitting' }
+    }
+    const admitted = joined.filter((l) => !l.lost).map((l) => ({ device: l.index, peer: l.channel.remotePeer, address: l.address }))
+    const report: AdmitReport = { admitted, unreachable, dropped: dropped.map((l) => l.index), peers: this.size, plan, totalMs: performance.now() - started }
+    log('admitted: %o', report)
+    return report
+  }
+
+  /** The libp2p node, started now if the cluster began without workers. */
+  async #ensureNode(): Promise<TransportNode> {
+    if (!this.#node) {
+      const node = new TransportNode({ listen: [], linkShaper: (peer) => this.#shapers.get(peer), ...this.#options.transport })
+      await node.start()
+      this.#node = node
+    }
+    return this.#node
   }
 
   /** Starts a new sequence on every peer (leaders relay it to their members). */
@@ -609,7 +803,7 @@ export class Cluster {
    *
    * When a worker is lost before or during the pass (its stream ends, it reports a failure, or it stays silent past
    * the deadline) and recovery is on, the pass is recovered: survivors abort what is in flight, the master re-plans
-   * tensor parallelism over itself and the survivors (even shares; the master alone when none is left), re-sends the
+   * over itself and the survivors (see `recovery`; the master alone when none is left), re-sends the
    * shards, and runs the sequence since the last `reset` plus `tokens` again, so the caller gets the same logits.
    * Several losses (one after another or at once) are recovered the same way.
    * @param allLogits return logits for every fed position instead of only the last.
@@ -786,6 +980,7 @@ export class Cluster {
     let abortMs = 0
     let replanMs = 0
     let reshardMs = 0
+    let replan: ReplanChoice | null = null
     for (let attempt = 1; ; attempt++) {
       for (const l of this.#links.filter((link) => link.lost)) {
         const reason = l.lost!
@@ -795,6 +990,7 @@ export class Cluster {
           address: l.address,
           kind: reason.name === 'PeerStalledError' ? 'stalled' : 'gone',
           reason: reason.message,
+          ...(l.report ? { report: l.report.message } : {}),
           silentMs: Math.max(0, l.lostAt - l.heardAt),
           detectedAtMs: l.lostAtWallMs,
         })
@@ -842,20 +1038,17 @@ export class Cluster {
           for (const [i, l] of survivors.entries()) l.hubIndex = i
           this.#hub =
             survivors.length > 0
-              ? new StarAllreduceHub(survivors.map((l) => (tracer ? tracedLink(l.channel, tracer) : l.channel)), { deadlineMs: this.#deadlineMs })
+              ? new StarAllreduceHub(survivors.map((l) => (tracer ? tracedLink(l.channel, tracer) : l.channel)), { deadlineMs: this.#deadlineMs, wireDtype: this.#wireDtype })
               : null
           this.#stages = [{ kind: 'local', plan: this.#clusterPlan.stages[0]!, members: survivors }]
           reshardMs += performance.now() - t
         } else {
-          const built = buildClusterPlan(this.model.config, [{ devices: [0, ...survivors.map((l) => l.index)], layers: this.model.config.nLayers }], this.#options.workers.length + 1, {
-            ...planConstraints(this.model),
-            quantizedMatmul: this.#plan.quantizedMatmul,
-          })
+          replan = this.#replan(survivors.map((l) => l.index))
           const why = (device: number): string => {
             const w = lost.find((x) => x.device === device)
             return w ? `lost: ${w.kind === 'stalled' ? 'stalled' : 'went away'}` : 'not in the plan'
           }
-          const plan: ClusterPlan = { ...built, excluded: built.excluded.map((e) => ({ device: e.device, reason: why(e.device) })) }
+          const plan: ClusterPlan = { ...replan.plan, excluded: this.#absent(replan.plan).map((device) => ({ device, reason: why(device) })) }
           replanMs += performance.now() - t
           t = performance.now()
           this.#stages = []
@@ -866,7 +1059,18 @@ export class Cluster {
         // A survivor lost meanwhile would stall the first pass: go again without it now.
         if (this.#live().length < this.#links.length) throw new Error('a worker was lost while the cluster recovered')
         const masterShards = [0, ...this.#adopted.map((a) => a.shardIndex)]
-        return { lost, strategy: adopt ? 'adopt' : 'even', masterShards, peers: survivors.length + 1, positions: this.#history.length, abortMs, replanMs, reshardMs, attempts: attempt }
+        return {
+          lost,
+          strategy: adopt ? 'adopt' : 'even',
+          ...(replan && !adopt ? { replan: { by: replan.by, why: replan.why } } : {}),
+          masterShards,
+          peers: survivors.length + 1,
+          positions: this.#history.length,
+          abortMs,
+          replanMs,
+          reshardMs,
+          attempts: attempt,
+        }
       } catch (err) {
         // Nobody else was lost meanwhile: this is not a loss a re-plan can fix (or the cluster is stopping).
         if (this.#closing || this.#live().length === this.#links.length) {
@@ -876,6 +1080,34 @@ export class Cluster {
         log('recovery %d failed (%s): going again without the workers lost meanwhile', epoch, (err as Error).message)
       }
     }
+  }
+
+  /**
+   * The plan over the master and workers `devices` (see replan.ts): the planner's when the master and every one of
+   * them published a measured profile, else the even tensor-parallel split.
+   */
+  #replan(devices: readonly number[]): ReplanChoice {
+    const master = masterCapabilities()
+    const budget = this.#options.memoryBudgetBytes
+    const choice = replanOver(
+      this.model,
+      [
+        { device: 0, ...(master ? { capabilities: master } : {}), ...(budget !== undefined ? { budgetBytes: budget } : {}) },
+        ...[...devices].sort((a, b) => a - b).map((device) => {
+          const p = this.#profiles.get(device)
+          return { device, ...(p?.capabilities ? { capabilities: p.capabilities } : {}), ...(p ? { rttMs: p.rttMs } : {}) }
+        }),
+      ],
+      { nDevices: this.#addresses.length + 1, quantizedMatmul: this.#plan.quantizedMatmul },
+    )
+    log('re-plan over %d devices by %s: %s', devices.length + 1, choice.by, choice.why)
+    return choice
+  }
+
+  /** Workers the cluster has had that `plan` gives no part, by device index. */
+  #absent(plan: ClusterPlan): number[] {
+    const used = new Set(plan.stages.flatMap((s) => s.devices))
+    return this.#addresses.map((_, i) => i + 1).filter((d) => !used.has(d))
   }
 
   /** Takes over shard `shardIndex` of the master's stage: slices it from the model file and loads it here. */
@@ -1004,20 +1236,6 @@ export class Cluster {
     return [master, ...workers.filter((w) => w !== null)]
   }
 
-  /**
-   * Measures the link from the master to every worker in the plan over the real libp2p streams (round trip and
-   * throughput, see link-probe.ts; emulated links included), by device index.
-   * @throws PeerFailedError when the cluster has failed; whatever the probe throws
-   */
-  async probeLinks(options: LinkProbeOptions | ((device: number) => LinkProbeOptions) = {}): Promise<{ device: number; link: LinkMeasurement }[]> {
-    this.#throwIfFailed()
-    const out: { device: number; link: LinkMeasurement }[] = []
-    for (const l of this.#live()) {
-      out.push({ device: l.index, link: await probeLink(this.#node!, l.address, typeof options === 'function' ? options(l.index) : options) })
-    }
-    return out
-  }
-
   /** Device index of each worker in the plan, in the order of {@link peerStats} after the master. */
   get workerDevices(): readonly number[] {
     return this.#live().map((l) => l.index)
@@ -1068,6 +1286,13 @@ export class Cluster {
     await this.#runner?.release()
     for (const a of this.#adopted) await a.runner.release()
     await this.#head.release()
+    await this.#removeShardFiles()
+  }
+
+  /** Removes the shard files this master wrote to the default directory (sliding-window mode). */
+  async #removeShardFiles(): Promise<void> {
+    for (const dir of this.#ownShardDirs) await rm(dir, { recursive: true, force: true }).catch(() => {})
+    this.#ownShardDirs.clear()
   }
 
   #throwIfFailed(): void {
@@ -1175,6 +1400,26 @@ export class Cluster {
   }
 }
 
+/** A new worker link on `channel`, with no part in a plan yet. */
+function workerLink(index: number, address: string, channel: FramedChannel, epoch: number): WorkerLink {
+  return {
+    index,
+    address,
+    channel,
+    stage: -1,
+    shardIndex: -1,
+    role: 'member',
+    hubIndex: -1,
+    lost: null,
+    lostAt: 0,
+    lostAtWallMs: 0,
+    epoch,
+    heardAt: performance.now(),
+    heardBytes: 0,
+    report: null,
+  }
+}
+
 /** The tensor-parallel plan of the master's stage, else the first stage's. */
 function masterPlanOf(plan: ClusterPlan): TensorParallelPlan {
   return (plan.stages.find((s) => s.devices.includes(0)) ?? plan.stages[0]!).tensorParallel
@@ -1192,6 +1437,7 @@ function mergePhases(a: RecoveryPhases, b: RecoveryPhases): RecoveryPhases {
   return {
     lost: [...a.lost, ...b.lost],
     strategy: b.strategy,
+    ...(b.replan ? { replan: b.replan } : {}),
     masterShards: b.masterShards,
     peers: b.peers,
     positions: b.positions,

@@ -4,7 +4,7 @@
  * `cpu.cfs_period_us`, cgroup v2 `cpu.max` ("quota period"). Needs root (or a delegated cgroup) and the cpu
  * controller; where either is missing, {@link CpuQuotas.create} says why and nothing is constrained.
  */
-import { existsSync, mkdirSync, readFileSync, rmdirSync, writeFileSync } from 'node:fs'
+import { existsSync, mkdirSync, readdirSync, readFileSync, rmdirSync, statSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { logger } from '@libp2p/logger'
 
@@ -44,6 +44,63 @@ function findHierarchy(): Hierarchy | string {
   return 'no cgroup cpu controller found (/sys/fs/cgroup/cpu or cgroup v2 with cpu)'
 }
 
+/** Name of the parent group a process makes: `edgeshard-<pid>`. */
+const PARENT_GROUP = /^edgeshard-(\d+)$/
+
+/** A group younger than this is never taken for stale (its maker may be in another pid namespace, just starting), ms. */
+export const STALE_GROUP_MIN_AGE_MS = 2_000
+
+/**
+ * True while process `pid` runs: signal 0 fails with ESRCH when it does not (EPERM means it does, owned by someone
+ * else); a zombie (killed, not yet reaped by its parent: Linux `/proc/<pid>/stat` state Z) counts as gone.
+ */
+function processRuns(pid: number): boolean {
+  try {
+    process.kill(pid, 0)
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code !== 'ESRCH'
+  }
+  try {
+    return !/^\d+ \(.*\) Z/s.test(readFileSync(`/proc/${pid}/stat`, 'utf8'))
+  } catch {
+    return true
+  }
+}
+
+/**
+ * Removes the groups `edgeshard-<pid>` (and their device groups) left behind by emulators that died without cleaning
+ * up (SIGKILL, a crash), under `directories` of the hierarchy: only where `<pid>` no longer exists, the group is at
+ * least `minAgeMs` old, and it is empty — the kernel refuses to remove a group that still holds a process, so a group
+ * whose workers live on is kept (and retried by a later call).
+ * @returns the groups removed
+ */
+export function removeStaleGroups(directories: readonly string[], minAgeMs = STALE_GROUP_MIN_AGE_MS): string[] {
+  const removed: string[] = []
+  for (const directory of new Set(directories)) {
+    let entries: string[]
+    try {
+      entries = readdirSync(directory)
+    } catch {
+      continue
+    }
+    for (const entry of entries) {
+      const pid = Number(PARENT_GROUP.exec(entry)?.[1])
+      if (!Number.isSafeInteger(pid) || pid === process.pid || processRuns(pid)) continue
+      const group = join(directory, entry)
+      try {
+        if (Date.now() - statSync(group).mtimeMs < minAgeMs) continue
+        for (const child of readdirSync(group, { withFileTypes: true })) if (child.isDirectory()) rmdirSync(join(group, child.name))
+        rmdirSync(group)
+        removed.push(group)
+        log('removed stale cgroup %s (pid %d is gone)', group, pid)
+      } catch (err) {
+        log('cannot remove stale cgroup %s: %s', group, (err as Error).message)
+      }
+    }
+  }
+  return removed
+}
+
 /**
  * A set of cgroups, one per constrained process, under one parent group named after this process. `stop()` moves any
  * process of this one back to the root group and removes the groups.
@@ -54,11 +111,14 @@ export class CpuQuotas {
   readonly #groups: string[] = []
   /** The group this process started in. */
   readonly #home: string
+  /** Stale groups of dead emulators removed when this one was made (see {@link removeStaleGroups}). */
+  readonly removedStale: readonly string[]
 
-  private constructor(hierarchy: Hierarchy, parent: string) {
+  private constructor(hierarchy: Hierarchy, parent: string, removedStale: readonly string[]) {
     this.#hierarchy = hierarchy
     this.#parent = parent
     this.#home = ownGroup(hierarchy.version)
+    this.removedStale = removedStale
   }
 
   /** cgroup version in use. */
@@ -67,13 +127,16 @@ export class CpuQuotas {
   }
 
   /**
-   * Makes the parent group `edgeshard-<pid>`.
+   * Removes the stale groups of dead emulators (in the hierarchy's root and this process's group), then makes the
+   * parent group `edgeshard-<pid>`.
    * @returns the quotas, or a sentence saying why CPU cannot be constrained here
    */
   static create(): CpuQuotas | string {
     const hierarchy = findHierarchy()
     if (typeof hierarchy === 'string') return hierarchy
-    const parent = join(hierarchy.root, ownGroup(hierarchy.version), `edgeshard-${process.pid}`)
+    const home = join(hierarchy.root, ownGroup(hierarchy.version))
+    const removedStale = removeStaleGroups([home, hierarchy.root])
+    const parent = join(home, `edgeshard-${process.pid}`)
     try {
       mkdirSync(parent, { recursive: true })
       if (hierarchy.version === 2) {
@@ -84,7 +147,7 @@ export class CpuQuotas {
       return `cannot make a cgroup under ${hierarchy.root}: ${(err as Error).message}`
     }
     log('cpu quotas under %s (cgroup v%d)', parent, hierarchy.version)
-    return new CpuQuotas(hierarchy, parent)
+    return new CpuQuotas(hierarchy, parent, removedStale)
   }
 
   /**

@@ -1,5 +1,5 @@
 /**
- * Persistent libp2p identities (issue 8): each agent and master keeps an Ed25519 private key in a file of mode 0600,
+ * Persistent libp2p identities: each agent and master keeps an Ed25519 private key in a file of mode 0600,
  * created on first use, so its peer id is stable across restarts and can be listed in other peers' trust files.
  *
  * File format: the libp2p `PrivateKey` protobuf (`KeyType` + key bytes; libp2p peer-id spec, "Keys"), as

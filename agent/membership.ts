@@ -1,5 +1,5 @@
 /**
- * Cluster membership (issue 8): trust files of peer ids, libp2p pre-shared network keys, and the check that the
+ * Cluster membership: trust files of peer ids, libp2p pre-shared network keys, and the check that the
  * workers a master dialled are distinct agents (a copied identity key makes two agents answer as one peer id).
  */
 import { closeSync, openSync, readFileSync } from 'node:fs'

@@ -1,5 +1,5 @@
 /**
- * How long a peer may stay silent before it is treated as stalled (issue 8, "Failure and recovery").
+ * How long a peer may stay silent before it is treated as stalled.
  *
  * The rule: `deadline(seq) = base + seq × perPositionMs`, where `base` is `--peer-deadline` (default 2000 ms) and
  * `perPositionMs` is the arithmetic of the model's largest half-layer block (attention at the sequence's end, or the

@@ -30,7 +30,7 @@ export interface DeviceProfile {
   readonly ortVersion: string
   /** True while the agent serves a master (it would refuse none, but shares its cores). */
   readonly busy: boolean
-  /** Random id of the agent's process, new on every start (absent from agents before issue 8). */
+  /** Random id of the agent's process, new on every start (absent from older agents). */
   readonly instance?: string
   /**
    * What the agent measured with the real kernels (`edgeshard profile`, agent/device-measure.ts): decode GB/s, prefill

@@ -19,9 +19,12 @@ import type { TensorParallelPlan } from '../splitter/index.ts'
  * `stats`, `trace` and `bye` still go to every worker directly. An `error` may name the peer that caused it (`peer`,
  * e.g. a leader's member that went away).
  *
- * Failure and recovery (issue 8, see cluster.ts): a `plan` with `heartbeatMs` makes the worker send `ping` whenever it
+ * Failure and recovery (see cluster.ts): a `plan` with `heartbeatMs` makes the worker send `ping` whenever it
  * has sent nothing else for that long, so the master can tell a silent (stalled) worker from a busy one; its
  * `peerDeadlineMs` is the base deadline a stage leader gives its members' allreduce partials (see peer-deadline.ts).
+ * Its `wireDtype` (`f32` or `f16`, default f32) is the element type of the `ar` frames the worker sends (its partials;
+ * a stage leader's sums to its members too); an `ar` frame declares its dtype and receivers decode either. Hidden
+ * states (`forward`, `stage-out`) stay f32.
  * When the master loses a worker it sends every survivor `abort` { epoch, step, keep? }: the survivor drops its
  * in-flight forward passes and allreduce rounds without reporting them (they fail because of the lost peer, not
  * because of it), ignores `forward` and `ar` frames of steps before `step`, and answers `aborted` { epoch } once
@@ -51,6 +54,11 @@ export type MasterMessage =
       heartbeatMs?: number
       /** A leader's base deadline for its members' allreduce partials, ms (absent: none; see peer-deadline.ts). */
       peerDeadlineMs?: number
+      /**
+       * Element type of the allreduce tensors this worker sends (its partials; a leader's sums too): `f32` (absent)
+       * or `f16` (see transport/allreduce.ts). Passed on unchecked: ShardIntake (shard-intake.ts) refuses anything else.
+       */
+      wireDtype?: unknown
     }
   | { type: 'stage'; members: readonly StageMemberAddress[] }
   | { type: 'tensor'; layer: number; name: WeightName; bits: 32 | 8 | 4; rows: number; cols: number }
@@ -226,6 +234,7 @@ export function parseMasterMessage(h: Record<string, unknown>): MasterMessage {
         ...(links ? { links } : {}),
         ...(heartbeatMs !== undefined ? { heartbeatMs } : {}),
         ...(peerDeadlineMs !== undefined ? { peerDeadlineMs } : {}),
+        ...(h.wireDtype !== undefined ? { wireDtype: h.wireDtype } : {}),
       }
     }
     case 'stage': {

@@ -1,7 +1,11 @@
+import { readdirSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
+import { logger } from '@libp2p/logger'
 import type { LayerShardWeights, LinearWeight, TensorParallelPlan } from '../splitter/index.ts'
 import { VECTOR_NAMES, WEIGHT_NAMES, type WeightName } from './protocol.ts'
+
+const log = logger('edgeshard:agent:shards')
 
 /** One weight of a layer shard as sent in a `tensor` frame (layout in protocol.ts). */
 export interface EncodedTensor {
@@ -75,7 +79,43 @@ export function kvCacheBytes(plan: TensorParallelPlan, shardIndex: number): numb
   return perLayer * (plan.layers.count + 1)
 }
 
-/** Default directory for a peer's shard files (sliding-window mode). */
+/**
+ * Default directory for a peer's shard files (sliding-window mode): `<tmp>/edgeshard-shards/<label>-<pid>`, removed by
+ * its owner when the session ends. On first use, the directories of processes no longer running (killed before they
+ * could clean up) are removed.
+ */
 export function defaultShardDir(label: string): string {
-  return join(tmpdir(), 'edgeshard-shards', `${label}-${process.pid}`)
+  const root = join(tmpdir(), 'edgeshard-shards')
+  if (!swept) {
+    swept = true
+    removeStaleShardDirs(root)
+  }
+  return join(root, `${label}-${process.pid}`)
+}
+
+let swept = false
+
+/** Removes `<label>-<pid>` directories under `root` whose pid is not a running process. */
+function removeStaleShardDirs(root: string): void {
+  let names: string[]
+  try {
+    names = readdirSync(root)
+  } catch {
+    return // none yet
+  }
+  for (const name of names) {
+    const pid = Number(/^[a-z]+-(\d+)$/.exec(name)?.[1])
+    if (!pid || pid === process.pid || isRunning(pid)) continue
+    rmSync(join(root, name), { recursive: true, force: true })
+    log('removed the shard files of process %d, no longer running', pid)
+  }
+}
+
+function isRunning(pid: number): boolean {
+  try {
+    process.kill(pid, 0)
+    return true
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM' // alive, another user's
+  }
 }

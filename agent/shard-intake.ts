@@ -1,15 +1,16 @@
 /**
- * What a worker accepts from a master for one plan (issue 8, "hostile and broken input"): the plan itself (every field
- * typed and bounded, shares consistent, tables that fit this device), then exactly the `tensor` frames the plan gives
+ * What a worker accepts from a master for one plan ("hostile and broken input"): the plan itself (every field
+ * typed and bounded, shares consistent, tables that fit this device, a known wire dtype), then exactly the `tensor` frames the plan gives
  * this shard (layer, name, shape, bits and body size, each once), then `load-done` with that count; and `ar` frames
  * shaped [seq, dim] in a known dtype. Anything else is a ProtocolError naming the frame, the field and what was
  * expected, checked before the frame is used, so a hostile or broken master cannot make the worker allocate more
  * than the bytes it actually sends.
  */
 import { totalmem } from 'node:os'
-import type { TensorParallelPlan } from '../splitter/index.ts'
-import type { Frame } from '../transport/index.ts'
+import { formatLayers, type TensorParallelPlan } from '../splitter/index.ts'
+import { type Frame, WIRE_DTYPES, type WireDtype } from '../transport/index.ts'
 import { type MasterMessage, ProtocolError, tensorBodyBytes, VECTOR_NAMES, type WeightName } from './protocol.ts'
+import { MemoryBudgetError } from './weight-store.ts'
 
 /** Bounds on a plan's model shape: far above any model edgeshard runs, far below what would exhaust memory. */
 const MAX = {
@@ -38,6 +39,8 @@ type TensorMessage = Extract<MasterMessage, { type: 'tensor' }>
 export class ShardIntake {
   readonly plan: TensorParallelPlan
   readonly shardIndex: number
+  /** Element type of the allreduce tensors this worker sends for the plan (the `plan` frame's `wireDtype`). */
+  readonly wireDtype: WireDtype
   /** Shape of every weight this shard gets, per layer of the plan's range. */
   readonly #shapes: ReadonlyMap<WeightName, Shape>
   readonly #seen = new Set<string>()
@@ -46,15 +49,22 @@ export class ShardIntake {
    * @param options.memoryBytes - memory the plan's fixed tables must fit in (a quarter of it): the agent's memory
    *   budget, default this device's total memory
    * @param options.threads - onnxruntime threads the `plan` frame asks for (at most 1024)
-   * @throws ProtocolError naming the plan field and what was expected
+   * @param options.wireDtype - the `plan` frame's `wireDtype` as received: absent (f32), `f32` or `f16`
+   * @throws ProtocolError naming the plan field and what was expected; MemoryBudgetError when the plan's RoPE tables
+   *   take more than a quarter of `memoryBytes`
    */
-  constructor(plan: TensorParallelPlan, shardIndex: number, options: { memoryBytes?: number; threads?: number } = {}) {
+  constructor(plan: TensorParallelPlan, shardIndex: number, options: { memoryBytes?: number; threads?: number; wireDtype?: unknown } = {}) {
     if (options.threads !== undefined && options.threads > MAX_THREADS) {
       throw new ProtocolError(`frame plan: threads must be at most ${MAX_THREADS}, got ${options.threads}`)
+    }
+    const wireDtype = options.wireDtype === undefined ? 'f32' : options.wireDtype
+    if (!WIRE_DTYPES.includes(wireDtype as WireDtype)) {
+      throw new ProtocolError(`frame plan: wireDtype must be ${WIRE_DTYPES.join(' or ')}, got ${short(wireDtype)}`)
     }
     checkPlan(plan, options.memoryBytes ?? totalmem())
     this.plan = plan
     this.shardIndex = shardIndex
+    this.wireDtype = wireDtype as WireDtype
     this.#shapes = shardShapes(plan, shardIndex)
   }
 
@@ -73,7 +83,7 @@ export class ShardIntake {
     const { layer, name, bits, rows, cols } = msg
     const { start, count } = this.plan.layers
     if (layer < start || layer >= start + count) {
-      throw new ProtocolError(`frame tensor: layer ${layer} is outside the plan's layers ${start}..${start + count - 1}`)
+      throw new ProtocolError(`frame tensor: layer ${layer} is outside the plan's ${formatLayers(start, count)}`)
     }
     const shape = this.#shapes.get(name)
     if (shape === undefined) {
@@ -224,8 +234,11 @@ function checkPlan(plan: TensorParallelPlan, memoryBytes: number): void {
   // The tables a shard runner allocates up front whatever the master sends later: RoPE cos and sin [maxSeqLen, headDim] f32.
   const tableBytes = 2 * maxSeqLen * headDim * 4
   if (tableBytes > memoryBytes * TABLE_MEMORY_FRACTION) {
-    throw new ProtocolError(
-      `frame plan: RoPE tables for a context of ${maxSeqLen} × head size ${headDim} need ${tableBytes} bytes, more than a quarter of this agent's ${memoryBytes}`,
+    // The plan is sound; this agent's memory is what is short (a MemoryBudgetError: the master's CLI exits with 2).
+    const needed = Math.ceil(tableBytes / TABLE_MEMORY_FRACTION)
+    throw new MemoryBudgetError(
+      `frame plan: RoPE tables for a context of ${maxSeqLen} × head size ${headDim} need ${tableBytes} bytes, more than a quarter of this agent's ${memoryBytes}: needs ${needed}`,
+      needed,
     )
   }
 }

@@ -10,14 +10,16 @@ import {
   type GraphConstants,
   type LayerShardWeights,
   type LinearWeight,
+  type QuantizedInputs,
   ropeCaches,
+  type StreamedLinearWeight,
   ropeTables,
   type ShardSpec,
   type TensorParallelPlan,
 } from '../splitter/index.ts'
 import { type HostTensor, type RuntimeOptions, Session } from './runtime.ts'
 import type { Tracer } from './trace.ts'
-import { ResidentStore, type WeightStore } from './weight-store.ts'
+import { ResidentStore, STREAMED_INTERMEDIATE_BYTES, type WeightStore } from './weight-store.ts'
 
 /** Time spent in one forward pass of a shard, in milliseconds. */
 export interface ForwardTimings {
@@ -111,6 +113,8 @@ export class ShardRunner {
   readonly #kernel: AttentionKernel
   // 'gqa': ropeCaches [maxSeqLen, headDim/2] f32; 'ops': ropeTables [maxSeqLen, headDim] f32
   readonly #rope: { cos: Float32Array; sin: Float32Array }
+  /** Rows of a forward pass one graph run takes at most (streamed quantized weights bound their intermediates). */
+  readonly #rowsPerRun: number
   // Per layer, 'gqa' kernel: [1, kvHeads, #capacity, headDim] f32, positions 0..cachedLen-1 of each head first (the
   // graphs return only each step's K and V, written in here); 'ops': [kvHeads, cachedLen, headDim] f32.
   #pastK: Float32Array[]
@@ -126,7 +130,9 @@ export class ShardRunner {
     attention: readonly (Session | null)[],
     ffn: readonly (Session | null)[],
     groups: readonly LayerGroup[] | null,
+    rowsPerRun = Number.POSITIVE_INFINITY,
   ) {
+    this.#rowsPerRun = rowsPerRun
     this.plan = plan
     this.shard = shard
     this.#store = store
@@ -239,11 +245,19 @@ export class ShardRunner {
       await store.close()
       return new ShardRunner(plan, shard, null, window, attention, ffn, null)
     }
-    // Streaming: one session per block kind, fed each layer's weights from the sliding window.
-    const attention = attentionShape ? await Session.create('attention', buildAttentionBlock(attentionShape), options) : null
-    const ffn = ffnShape ? await Session.create('ffn', buildFfnBlock(ffnShape), options) : null
+    // Streaming: one session per block kind, fed each layer's weights from the sliding window. Quantized weights come
+    // blockwise (MatMulNBits is only fast on constants): int8 dot products per block like MatMulNBits' accuracy
+    // level 4, or exact f32 expansion; the int8 kernel's intermediates grow with the rows of a run, so long passes
+    // (prefill) run in chunks of rows while the block is resident (no extra reads).
+    const quantizedInputs: QuantizedInputs = plan.quantizedMatmul === 'int8' ? 'blockwise-int8' : 'blockwise-f32'
+    const attention = attentionShape ? await Session.create('attention', buildAttentionBlock({ ...attentionShape, quantizedInputs }), options) : null
+    const ffn = ffnShape ? await Session.create('ffn', buildFfnBlock({ ...ffnShape, quantizedInputs }), options) : null
+    const quantized = Object.values({ ...a0, ...f0 }).some((bits) => bits !== 32)
+    const widest = m.dim * Math.max(shard.heads.count * m.headDim, shard.ffnColumns.count) // max over linears of in·out
+    const rowsPerRun =
+      quantized && quantizedInputs === 'blockwise-int8' ? Math.max(1, Math.floor(STREAMED_INTERMEDIATE_BYTES / ((widest / 32) * 4))) : Number.POSITIVE_INFINITY
     const layers = Array.from({ length: m.nLayers }, () => 0)
-    return new ShardRunner(plan, shard, store, window, layers.map(() => attention), layers.map(() => ffn), null)
+    return new ShardRunner(plan, shard, store, window, layers.map(() => attention), layers.map(() => ffn), null, rowsPerRun)
   }
 
   /** Positions held in the KV cache. */
@@ -284,27 +298,9 @@ export class ShardRunner {
     const kvHeads = this.shard.kvHeads.count
     const rows = (t: Float32Array, cols: number): HostTensor => ({ data: t, dims: [t.length / cols, cols] })
     const now = performance.now.bind(performance)
-    // Positions of `x` and the shape of the KV cache, as the attention kernel takes them (see buildAttentionBlock).
-    let positions: Record<string, HostTensor>
-    let pastDims: number[]
-    if (this.#kernel === 'gqa') {
-      positions = {
-        seqlens_k: { data: Int32Array.of(total - 1), dims: [1] },
-        total_sequence_length: { data: Int32Array.of(total), dims: [] },
-        cos_cache: { data: this.#rope.cos, dims: [m.maxSeqLen, hd / 2] },
-        sin_cache: { data: this.#rope.sin, dims: [m.maxSeqLen, hd / 2] },
-      }
-      this.#reserve(total)
-      pastDims = [1, kvHeads, this.#capacity, hd]
-    } else {
-      positions = {
-        cos: { data: this.#rope.cos.subarray(pos0 * hd, total * hd), dims: [seq, hd] },
-        sin: { data: this.#rope.sin.subarray(pos0 * hd, total * hd), dims: [seq, hd] },
-        mask: { data: causalMask(seq, pos0), dims: [seq, total] },
-      }
-      pastDims = [kvHeads, pos0, hd]
-    }
-    if (this.#groups) return this.#forwardLayers(x, positions, pastDims, step, timings, tracer)
+    if (this.#kernel === 'gqa') this.#reserve(total)
+    const whole = this.#positionFeeds(pos0, seq)
+    if (this.#groups) return this.#forwardLayers(x, whole.positions, whole.pastDims, step, timings, tracer)
 
     const store = this.#store
     const io0 = store?.ioWaitMs ?? 0
@@ -321,21 +317,29 @@ export class ShardRunner {
           if (tracer) tracer.span('weights', 'io', t0, now(), { layer, block: 'attention', step, waitMs: store.ioWaitMs - waited })
         }
         const tc = tracer ? now() : 0
-        const out = await attention.run({
-          x: rows(x, m.dim),
-          ...positions,
-          past_k: { data: this.#pastK[layer]!, dims: pastDims },
-          past_v: { data: this.#pastV[layer]!, dims: pastDims },
-          ...weights,
-        })
+        const parts: Float32Array[] = []
+        // Rows [r0, r0 + n) at a time: each run appends its positions to the KV cache the next one attends to.
+        for (let r0 = 0; r0 < seq; r0 += Math.min(seq, this.#rowsPerRun)) {
+          const n = Math.min(this.#rowsPerRun, seq - r0)
+          const p0 = pos0 + r0
+          const { positions, pastDims } = n === seq ? whole : this.#positionFeeds(p0, n)
+          const out = await attention.run({
+            x: n === seq ? rows(x, m.dim) : { data: x.subarray(r0 * m.dim, (r0 + n) * m.dim), dims: [n, m.dim] },
+            ...positions,
+            past_k: { data: this.#pastK[layer]!, dims: pastDims },
+            past_v: { data: this.#pastV[layer]!, dims: pastDims },
+            ...weights,
+          })
+          if (this.#kernel === 'gqa') this.#append(layer, out.new_k!.data as Float32Array, out.new_v!.data as Float32Array, p0, n)
+          else {
+            this.#pastK[layer] = out.present_k!.data as Float32Array
+            this.#pastV[layer] = out.present_v!.data as Float32Array
+          }
+          parts.push(out.partial!.data as Float32Array)
+        }
         if (tracer) tracer.span('attention', 'compute', tc, now(), { layer, step })
         store?.release(layer, 'attention')
-        if (this.#kernel === 'gqa') this.#append(layer, out.new_k!.data as Float32Array, out.new_v!.data as Float32Array, pos0, seq)
-        else {
-          this.#pastK[layer] = out.present_k!.data as Float32Array
-          this.#pastV[layer] = out.present_v!.data as Float32Array
-        }
-        partial = out.partial!.data as Float32Array
+        partial = concatRows(parts)
       }
       let t1 = now()
       const attnSum = await allreduce.allreduce(allreduceTag(step, m.nLayers, layer, 0), partial)
@@ -358,10 +362,15 @@ export class ShardRunner {
           if (tracer) tracer.span('weights', 'io', t0, now(), { layer, block: 'ffn', step, waitMs: store.ioWaitMs - waited })
         }
         const tc = tracer ? now() : 0
-        const out = await ffn.run({ h: rows(x, m.dim), ...weights })
+        const parts: Float32Array[] = []
+        for (let r0 = 0; r0 < seq; r0 += Math.min(seq, this.#rowsPerRun)) {
+          const n = Math.min(this.#rowsPerRun, seq - r0)
+          const h = n === seq ? rows(x, m.dim) : { data: x.subarray(r0 * m.dim, (r0 + n) * m.dim), dims: [n, m.dim] }
+          parts.push((await ffn.run({ h, ...weights })).partial!.data as Float32Array)
+        }
         if (tracer) tracer.span('ffn', 'compute', tc, now(), { layer, step })
         store?.release(layer, 'ffn')
-        partial = out.partial!.data as Float32Array
+        partial = concatRows(parts)
       }
       t1 = now()
       const ffnSum = await allreduce.allreduce(allreduceTag(step, m.nLayers, layer, 1), partial)
@@ -382,6 +391,38 @@ export class ShardRunner {
       timings.computeMs -= io
     }
     return x
+  }
+
+  /**
+   * Positions pos0..pos0+n-1 as the attention kernel takes them (see buildAttentionBlock), and the dims of its KV
+   * cache inputs: 'gqa' `seqlens_k`, `total_sequence_length` and the whole RoPE caches, past [1, kvHeads, capacity,
+   * headDim] (call {@link #reserve} first); 'ops' `cos`/`sin` rows [n, headDim], causal `mask` [n, pos0 + n], past
+   * [kvHeads, pos0, headDim].
+   */
+  #positionFeeds(pos0: number, n: number): { positions: Record<string, HostTensor>; pastDims: number[] } {
+    const m = this.plan.model
+    const hd = m.headDim
+    const kvHeads = this.shard.kvHeads.count
+    const total = pos0 + n
+    if (this.#kernel === 'gqa') {
+      return {
+        positions: {
+          seqlens_k: { data: Int32Array.of(total - 1), dims: [1] },
+          total_sequence_length: { data: Int32Array.of(total), dims: [] },
+          cos_cache: { data: this.#rope.cos, dims: [m.maxSeqLen, hd / 2] },
+          sin_cache: { data: this.#rope.sin, dims: [m.maxSeqLen, hd / 2] },
+        },
+        pastDims: [1, kvHeads, this.#capacity, hd],
+      }
+    }
+    return {
+      positions: {
+        cos: { data: this.#rope.cos.subarray(pos0 * hd, total * hd), dims: [n, hd] },
+        sin: { data: this.#rope.sin.subarray(pos0 * hd, total * hd), dims: [n, hd] },
+        mask: { data: causalMask(n, pos0), dims: [n, total] },
+      },
+      pastDims: [kvHeads, pos0, hd],
+    }
   }
 
   /**
@@ -471,7 +512,7 @@ export function asConstants(feeds: Record<string, HostTensor>): GraphConstants {
 }
 
 /** Weight inputs of the attention graph (names as in `buildAttentionBlock`). */
-function attentionWeightFeeds(a: AttentionShardWeights): Record<string, HostTensor> {
+function attentionWeightFeeds(a: AttentionShardWeights<StreamedLinearWeight>): Record<string, HostTensor> {
   const vec = (t: Float32Array): HostTensor => ({ data: t, dims: [t.length] })
   return {
     attn_norm: vec(a.attn_norm),
@@ -484,7 +525,7 @@ function attentionWeightFeeds(a: AttentionShardWeights): Record<string, HostTens
 }
 
 /** Weight inputs of the FFN graph (names as in `buildFfnBlock`). */
-function ffnWeightFeeds(f: FfnShardWeights): Record<string, HostTensor> {
+function ffnWeightFeeds(f: FfnShardWeights<StreamedLinearWeight>): Record<string, HostTensor> {
   return {
     ffn_norm: { data: f.ffn_norm, dims: [f.ffn_norm.length] },
     ...linearFeeds('w1', f.w1),
@@ -494,15 +535,34 @@ function ffnWeightFeeds(f: FfnShardWeights): Record<string, HostTensor> {
 }
 
 /**
- * Graph feeds of linear weight `name` (see `linear` in splitter/graph/llama-blocks.ts): `name` f32 [out, in], or
- * `name` uint8 [out, in/32, 32·bits/8] plus `name_scales` f32 [out·in/32].
+ * Graph feeds of linear weight `name` (see `linear` in splitter/graph/llama-blocks.ts): `name` f32 [out, in];
+ * MatMulNBits: `name` uint8 [out, in/32, 32·bits/8] plus `name_scales` f32 [out·in/32]; blockwise: `name` uint8
+ * [in/32, 32, out] plus `name_scales` f32 [in/32, 1, out].
  */
-export function linearFeeds(name: string, w: LinearWeight): Record<string, HostTensor> {
+export function linearFeeds(name: string, w: StreamedLinearWeight): Record<string, HostTensor> {
   if (w.bits === 32) return { [name]: { data: w.data, dims: [w.rows, w.cols] } }
+  if ('layout' in w) {
+    return {
+      [name]: { data: w.values, dims: [w.cols / 32, 32, w.rows] },
+      [`${name}_scales`]: { data: w.scales, dims: [w.cols / 32, 1, w.rows] },
+    }
+  }
   return {
     [name]: { data: w.blob, dims: [w.rows, w.cols / 32, (32 * w.bits) / 8] },
     [`${name}_scales`]: { data: w.scales, dims: [w.scales.length] },
   }
+}
+
+/** `parts` ([rows_i, dim] f32 each) stacked; the part itself when there is one. */
+function concatRows(parts: readonly Float32Array[]): Float32Array {
+  if (parts.length === 1) return parts[0]!
+  const out = new Float32Array(parts.reduce((n, p) => n + p.length, 0))
+  let offset = 0
+  for (const p of parts) {
+    out.set(p, offset)
+    offset += p.length
+  }
+  return out
 }
 
 /** Additive causal mask [seq, pos0 + seq] f32: row i may attend to positions ≤ pos0 + i. */

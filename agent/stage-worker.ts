@@ -21,6 +21,7 @@ import {
   StarAllreduceHub,
   StarAllreduceMember,
   type TransportNode,
+  type WireDtype,
 } from '../transport/index.ts'
 import { PeerFailedError } from './errors.ts'
 import { type DeadlineModelShape, stepDeadlineMs } from './peer-deadline.ts'
@@ -82,6 +83,14 @@ export interface StageLeaderOptions {
   readonly peerDeadlineMs?: number
   /** The plan's model shape (the deadline grows with a pass's arithmetic). */
   readonly model?: DeadlineModelShape
+  /** Element type of the sums the leader sends its members (the plan's wire dtype). Default f32. */
+  readonly wireDtype?: WireDtype
+}
+
+/** Options of a {@link StageMember}. */
+export interface StageMemberOptions {
+  /** Element type of the partials the member sends its leader (the plan's wire dtype). Default f32. */
+  readonly wireDtype?: WireDtype
 }
 
 /** What a worker's session lends its stage role. */
@@ -119,6 +128,7 @@ export class StageLeader implements StageRole {
   readonly #session: StageSession
   readonly #stageId: string
   readonly #deadline: { readonly baseMs: number; readonly model: DeadlineModelShape } | null
+  readonly #wireDtype: WireDtype
   #members: { channel: FramedChannel; address: string }[] = []
   #hub: StarAllreduceHub | null = null
   /** The allreduce of the pass in flight: the hub with that pass's deadline. */
@@ -128,11 +138,13 @@ export class StageLeader implements StageRole {
   /**
    * @param options.peerDeadlineMs - base deadline for the members' partials, ms, scaled per pass by its positions
    *   (see peer-deadline.ts; needs `model`); absent: the leader waits as long as its members' streams are open
+   * @param options.wireDtype - element type of the sums sent to the members (default f32)
    */
   constructor(session: StageSession, stageId: string, options: StageLeaderOptions = {}) {
     this.#session = session
     this.#stageId = stageId
     this.#deadline = options.peerDeadlineMs !== undefined && options.model ? { baseMs: options.peerDeadlineMs, model: options.model } : null
+    this.#wireDtype = options.wireDtype ?? 'f32'
   }
 
   get allreduce(): Allreduce {
@@ -171,7 +183,10 @@ export class StageLeader implements StageRole {
     }
     this.#members = ok
     if (ok.length > 0) {
-      this.#hub = new StarAllreduceHub(ok.map((m) => (tracer ? tracedLink(m.channel, tracer) : m.channel)), this.#deadline ? { deadlineMs: this.#deadline.baseMs } : {})
+      this.#hub = new StarAllreduceHub(ok.map((m) => (tracer ? tracedLink(m.channel, tracer) : m.channel)), {
+        wireDtype: this.#wireDtype,
+        ...(this.#deadline ? { deadlineMs: this.#deadline.baseMs } : {}),
+      })
       this.#allreduce = this.#hub
     }
     for (const [i, m] of ok.entries()) void this.#route(i, m.channel, m.address)
@@ -257,15 +272,18 @@ export class StageMember implements StageRole {
   readonly #registry: StageRegistry
   readonly #stageId: string
   readonly #shardIndex: number
+  readonly #wireDtype: WireDtype
   #channel: FramedChannel | null = null
   #member: StarAllreduceMember | null = null
   #closing = false
 
-  constructor(session: StageSession, registry: StageRegistry, stageId: string, shardIndex: number) {
+  /** @param options.wireDtype - element type of the partials sent to the leader (default f32) */
+  constructor(session: StageSession, registry: StageRegistry, stageId: string, shardIndex: number, options: StageMemberOptions = {}) {
     this.#session = session
     this.#registry = registry
     this.#stageId = stageId
     this.#shardIndex = shardIndex
+    this.#wireDtype = options.wireDtype ?? 'f32'
     registry.expect(stageId, this)
   }
 
@@ -288,7 +306,7 @@ export class StageMember implements StageRole {
     const { tracer } = this.#session
     this.#channel = channel
     const link = tracer ? tracedLink(channel, tracer) : channel
-    this.#member = new StarAllreduceMember({ peer: channel.remotePeer, send: (header, body) => link.send(header, body) })
+    this.#member = new StarAllreduceMember({ peer: channel.remotePeer, send: (header, body) => link.send(header, body) }, { wireDtype: this.#wireDtype })
     this.#registry.forget(this.#stageId)
     await channel.send({ type: 'joined' })
     void this.#serve(channel, this.#member)

@@ -1,8 +1,18 @@
 import { createHash } from 'node:crypto'
 import { type FileHandle, mkdir, open, readFile, rename, rm, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
+import { crc32 } from 'node:zlib'
 import { logger } from '@libp2p/logger'
-import type { AttentionShardWeights, FfnShardWeights, LayerShardWeights, LinearWeight, WeightBits } from '../splitter/index.ts'
+import {
+  type AttentionShardWeights,
+  blockwiseBytes,
+  blockwiseView,
+  type FfnShardWeights,
+  type LayerShardWeights,
+  nbitsToBlockwise,
+  type StreamedLinearWeight,
+  type WeightBits,
+} from '../splitter/index.ts'
 import type { WeightName } from './protocol.ts'
 
 const log = logger('edgeshard:agent:weights')
@@ -22,8 +32,8 @@ export interface BlockLayout {
  */
 export interface WeightStore {
   readonly layout: BlockLayout
-  attention(layer: number): Promise<AttentionShardWeights>
-  ffn(layer: number): Promise<FfnShardWeights>
+  attention(layer: number): Promise<AttentionShardWeights<StreamedLinearWeight>>
+  ffn(layer: number): Promise<FfnShardWeights<StreamedLinearWeight>>
   release(layer: number, kind: BlockKind): void
   /** Milliseconds spent waiting for blocks that were not loaded yet. */
   readonly ioWaitMs: number
@@ -77,6 +87,8 @@ interface TensorEntry {
   readonly cols: number
   /** Byte offset inside the block (8-byte aligned). */
   readonly offset: number
+  /** 'blockwise': a 4/8-bit weight laid out for streaming (splitter/quant/blockwise.ts); default MatMulNBits. */
+  readonly layout?: 'blockwise'
 }
 
 /** One half-layer block of a shard file. */
@@ -88,6 +100,8 @@ interface BlockEntry {
   readonly bytes: number
   /** sha256 of the block's bytes, hex. */
   readonly sha256: string
+  /** CRC-32 (zlib's) of the block's bytes, checked on every read of the sliding window (absent in older indexes). */
+  readonly crc32?: number
   readonly tensors: readonly TensorEntry[]
 }
 
@@ -96,6 +110,8 @@ interface ShardIndex {
   readonly version: 1
   readonly layers: number
   readonly blocks: readonly BlockEntry[]
+  /** For a streaming copy (see {@link prepareBlockwise}): the digest of the shard it was made from. */
+  readonly source?: string
 }
 
 const ATTENTION_NAMES: ReadonlySet<WeightName> = new Set(['attn_norm', 'wq', 'wk', 'wv', 'wo', 'bq', 'bk', 'bv'])
@@ -133,7 +149,7 @@ export class ShardFileWriter {
   readonly dir: string
   readonly #file: FileHandle
   readonly #blocks: BlockEntry[] = []
-  #current: { layer: number; kind: BlockKind; offset: number; bytes: number; hash: ReturnType<typeof createHash>; tensors: TensorEntry[] } | null = null
+  #current: { layer: number; kind: BlockKind; offset: number; bytes: number; hash: ReturnType<typeof createHash>; crc: number; tensors: TensorEntry[] } | null = null
   #end = 0
   #layers = 0
 
@@ -148,13 +164,13 @@ export class ShardFileWriter {
     return new ShardFileWriter(dir, await open(join(dir, 'blocks.bin'), 'w'))
   }
 
-  /** Appends one tensor (a `tensor` frame body). */
-  async add(layer: number, name: WeightName, bits: 32 | 8 | 4, rows: number, cols: number, body: Uint8Array): Promise<void> {
+  /** Appends one tensor (a `tensor` frame body, or with `layout` 'blockwise' a weight laid out for streaming). */
+  async add(layer: number, name: WeightName, bits: 32 | 8 | 4, rows: number, cols: number, body: Uint8Array, layout?: 'blockwise'): Promise<void> {
     const kind: BlockKind = ATTENTION_NAMES.has(name) ? 'attention' : 'ffn'
     if (!this.#current || this.#current.layer !== layer || this.#current.kind !== kind) {
       this.#finishBlock()
       this.#end = align(this.#end, 64)
-      this.#current = { layer, kind, offset: this.#end, bytes: 0, hash: createHash('sha256'), tensors: [] }
+      this.#current = { layer, kind, offset: this.#end, bytes: 0, hash: createHash('sha256'), crc: 0, tensors: [] }
       this.#layers = Math.max(this.#layers, layer + 1)
     }
     const block = this.#current
@@ -162,11 +178,13 @@ export class ShardFileWriter {
     if (pad > 0) {
       const zeros = new Uint8Array(pad)
       block.hash.update(zeros)
+      block.crc = crc32(zeros, block.crc)
       await this.#file.write(zeros, 0, pad, block.offset + block.bytes)
       block.bytes += pad
     }
-    block.tensors.push({ name, bits, rows, cols, offset: block.bytes })
+    block.tensors.push({ name, bits, rows, cols, offset: block.bytes, ...(layout ? { layout } : {}) })
     block.hash.update(body)
+    block.crc = crc32(body, block.crc)
     await this.#file.write(body, 0, body.byteLength, block.offset + block.bytes)
     block.bytes += body.byteLength
     this.#end = block.offset + block.bytes
@@ -175,16 +193,16 @@ export class ShardFileWriter {
   #finishBlock(): void {
     const b = this.#current
     if (!b) return
-    this.#blocks.push({ layer: b.layer, kind: b.kind, offset: b.offset, bytes: b.bytes, sha256: b.hash.digest('hex'), tensors: b.tensors })
+    this.#blocks.push({ layer: b.layer, kind: b.kind, offset: b.offset, bytes: b.bytes, sha256: b.hash.digest('hex'), crc32: b.crc, tensors: b.tensors })
     this.#current = null
   }
 
-  /** Flushes and writes index.json; returns the total bytes of the shard. */
-  async finish(): Promise<number> {
+  /** Flushes and writes index.json (with `source`, see {@link ShardIndex}); returns the total bytes of the shard. */
+  async finish(source?: string): Promise<number> {
     this.#finishBlock()
     await this.#file.sync()
     await this.#file.close()
-    const index: ShardIndex = { version: 1, layers: this.#layers, blocks: this.#blocks }
+    const index: ShardIndex = { version: 1, layers: this.#layers, blocks: this.#blocks, ...(source ? { source } : {}) }
     await writeFile(join(this.dir, 'index.json.tmp'), JSON.stringify(index))
     await rename(join(this.dir, 'index.json.tmp'), join(this.dir, 'index.json'))
     return this.#end
@@ -199,6 +217,65 @@ export interface StreamingOptions {
   readonly kvCacheBytes: number
   /** Check every block's sha256 once at open (default true). */
   readonly verify?: boolean
+  /** How quantized weights' activations are treated (the plan's; default 'exact'): sets the kernels' workspace. */
+  readonly quantizedMatmul?: 'exact' | 'int8'
+  /**
+   * Check every block's CRC-32 each time the sliding window reads it from disk (default true): corruption on disk
+   * after the open is named instead of computed with. Costs ≈ 0.4–0.5 ms per MB read here (zlib crc32 ≈ 2–2.5 GB/s).
+   */
+  readonly checkReads?: boolean
+}
+
+/**
+ * Bytes the int8 kernel of streamed quantized weights may use for one linear's [in/32, rows, out] int32
+ * intermediate (splitter/graph/llama-blocks.ts 'blockwise-int8'); sets how many rows one graph run takes.
+ */
+export const STREAMED_INTERMEDIATE_BYTES = 4 * 2 ** 20
+
+/** A stored tensor as the memory budget sees it. */
+export interface TensorShape {
+  readonly bits: 32 | 8 | 4
+  readonly rows: number
+  readonly cols: number
+  readonly layout?: 'blockwise'
+}
+
+/** What streaming a shard through a window of blocks needs besides the blocks' count, bytes. */
+export interface StreamingNeeds {
+  /** The largest block as a window slot holds it (quantized weights blockwise: one byte per weight). */
+  readonly largestBlockBytes: number
+  /** Working memory of the graphs that apply streamed blocks (see below). */
+  readonly workspaceBytes: number
+  /** The KV cache at the full context. */
+  readonly kvCacheBytes: number
+  /** The least budget that streams: 2 blocks + KV cache + workspace. */
+  readonly neededBytes: number
+  /** Whether quantized weights are streamed (blockwise). */
+  readonly quantized: boolean
+}
+
+/**
+ * What a share whose blocks hold `blocks` needs to stream through a window (TPI-LLM §3.3), the single rule the agents
+ * apply (StreamingStore.open) and the master checks before start (agent/plan-fit.ts). The kernels' working memory is
+ * charged to the budget: the int8 kernel of quantized weights holds about four tensors of
+ * {@link STREAMED_INTERMEDIATE_BYTES} at once (int32 products, their f32 cast, two scalings); the exact kernel expands
+ * the largest weight to f32 (cast, offset, scaled: up to four f32 copies of it are live in onnxruntime's allocator,
+ * measured on a 1M-weight FFN). Dense weights need none beyond the runtime's own.
+ */
+export function streamingNeeds(blocks: readonly (readonly TensorShape[])[], kvCacheBytes: number, quantizedMatmul: 'exact' | 'int8'): StreamingNeeds {
+  const all = blocks.flat()
+  const quantized = all.filter((t) => t.bits !== 32)
+  const largestBlockBytes = Math.max(0, ...blocks.map(streamedBlockBytes))
+  const workspaceBytes =
+    quantized.length === 0 ? 0 : quantizedMatmul === 'int8' ? 4 * STREAMED_INTERMEDIATE_BYTES : 4 * 4 * Math.max(...quantized.map((t) => t.rows * t.cols))
+  return { largestBlockBytes, workspaceBytes, kvCacheBytes, neededBytes: 2 * largestBlockBytes + kvCacheBytes + workspaceBytes, quantized: quantized.length > 0 }
+}
+
+/** `needs` as the parts of a budget message: `2 blocks of B + KV cache K[ + kernel workspace W]`. */
+export function describeStreamingNeeds(needs: StreamingNeeds, kvNote = ''): string {
+  const parts = [`2 blocks of ${needs.largestBlockBytes}${needs.quantized ? ' as streamed, one byte per quantized weight' : ''}`, `KV cache ${needs.kvCacheBytes}${kvNote}`]
+  if (needs.workspaceBytes > 0) parts.push(`kernel workspace ${needs.workspaceBytes}`)
+  return parts.join(' + ')
 }
 
 /**
@@ -219,12 +296,15 @@ export class StreamingStore implements WeightStore {
   readonly #order = new Map<string, number>()
   readonly #slots: ArrayBuffer[]
   readonly #free: number[]
+  /** CRC-32 each block must have when read, by block (from the index, or computed at open), or null: unchecked. */
+  readonly #crcs: readonly (number | null)[] | null
   readonly #loading = new Map<number, { slot: number; ready: Promise<LayerBlock> }>()
   #next = 0
   #closed = false
 
-  private constructor(file: FileHandle, dir: string, index: ShardIndex, window: number, slotBytes: number, layout: BlockLayout) {
+  private constructor(file: FileHandle, dir: string, index: ShardIndex, window: number, slotBytes: number, layout: BlockLayout, crcs: readonly (number | null)[] | null) {
     this.#file = file
+    this.#crcs = crcs
     this.#dir = dir
     this.#index = index
     this.#blocks = index.blocks
@@ -240,22 +320,43 @@ export class StreamingStore implements WeightStore {
    * @throws MemoryBudgetError naming the bytes needed when the budget cannot hold 2 blocks plus the KV cache;
    *   ShardFileError naming the block when a checksum fails.
    */
-  static async open(dir: string, options: StreamingOptions): Promise<StreamingStore> {
-    const index = await readIndex(dir)
-    const largest = Math.max(...index.blocks.map((b) => b.bytes))
-    const needed = 2 * largest + options.kvCacheBytes
-    if (options.budgetBytes < needed) {
+  static async open(shardDir: string, options: StreamingOptions): Promise<StreamingStore> {
+    let dir = shardDir
+    let index = await readIndex(dir)
+    // Quantized blocks stream in the blockwise layout (one byte per value): the budget must hold those.
+    const needs = streamingNeeds(
+      index.blocks.map((b) => b.tensors),
+      options.kvCacheBytes,
+      options.quantizedMatmul ?? 'exact',
+    )
+    if (options.budgetBytes < needs.neededBytes) {
       throw new MemoryBudgetError(
-        `memory budget of ${options.budgetBytes} bytes is too small: needs ${needed} (2 blocks of ${largest} + KV cache ${options.kvCacheBytes})`,
-        needed,
+        `memory budget of ${options.budgetBytes} bytes is too small: needs ${needs.neededBytes} (${describeStreamingNeeds(needs)})`,
+        needs.neededBytes,
       )
     }
-    const window = Math.min(index.blocks.length, Math.floor((options.budgetBytes - options.kvCacheBytes) / largest))
+    const largest = needs.largestBlockBytes
+    const workspace = needs.workspaceBytes
+    // A blockwise copy made just now was converted from verified blocks and hashed as written: not read back again.
+    let verify = options.verify ?? true
+    if (needs.quantized) {
+      const copy = await prepareBlockwise(shardDir, index, verify)
+      dir = copy.dir
+      index = await readIndex(dir)
+      if (copy.made) verify = false
+    }
+    const window = Math.min(index.blocks.length, Math.floor((options.budgetBytes - options.kvCacheBytes - workspace) / largest))
     const file = await open(join(dir, 'blocks.bin'), 'r')
-    if (options.verify ?? true) {
+    const check = options.checkReads ?? true
+    const crcs: (number | null)[] = index.blocks.map((b) => (check && b.crc32 !== undefined ? b.crc32 : null))
+    if (verify) {
       const buffer = new Uint8Array(largest)
       try {
-        for (let i = 0; i < index.blocks.length; i++) await readBlock(file, dir, index, i, buffer, true)
+        for (let i = 0; i < index.blocks.length; i++) {
+          await readBlock(file, dir, index, i, buffer, true)
+          // An index without CRCs (an older shard file): take them from the bytes the sha256 just vouched for.
+          if (check && crcs[i] === null) crcs[i] = crc32(buffer.subarray(0, index.blocks[i]!.bytes))
+        }
       } catch (err) {
         await file.close()
         throw err
@@ -263,14 +364,14 @@ export class StreamingStore implements WeightStore {
     }
     const layout = layoutFromIndex(index)
     log('streaming %d blocks from %s with a window of %d × %d bytes', index.blocks.length, dir, window, largest)
-    return new StreamingStore(file, dir, index, window, align(largest, 64), layout)
+    return new StreamingStore(file, dir, index, window, align(largest, 64), layout, check ? crcs : null)
   }
 
-  async attention(layer: number): Promise<AttentionShardWeights> {
+  async attention(layer: number): Promise<AttentionShardWeights<StreamedLinearWeight>> {
     return (await this.#acquire(layer, 'attention')).attention!
   }
 
-  async ffn(layer: number): Promise<FfnShardWeights> {
+  async ffn(layer: number): Promise<FfnShardWeights<StreamedLinearWeight>> {
     return (await this.#acquire(layer, 'ffn')).ffn!
   }
 
@@ -317,8 +418,22 @@ export class StreamingStore implements WeightStore {
   async #load(i: number, slot: number): Promise<LayerBlock> {
     const b = this.#blocks[i]!
     const bytes = new Uint8Array(this.#slots[slot]!, 0, b.bytes)
-    // checked once at open (sha256 of every block); a per-load hash would cost ~0.7 ms per MB here (sha256 ≈ 1.5 GB/s)
-    await readBlock(this.#file, this.#dir, this.#index, i, bytes, false)
+    // sha256 of every block at open; each read here its CRC-32 (4× cheaper than sha256, still catches any flipped bit
+    // or burst up to 32 bits): the file may be damaged after the open, and a bad block must not be computed with.
+    const expected = this.#crcs?.[i] ?? null
+    for (let attempt = 1; ; attempt++) {
+      await readBlock(this.#file, this.#dir, this.#index, i, bytes, false)
+      if (expected === null) break
+      const actual = crc32(bytes)
+      if (actual === expected) break
+      // One more read first: a transient read error is not corruption.
+      if (attempt === 2) {
+        throw new ShardFileError(
+          `${blockName(this.#dir, this.#index, i)} fails its crc32 check on read (index.json says ${hex32(expected)}, the file has ${hex32(actual)}): corrupted on disk after the shard was opened`,
+        )
+      }
+      log.error('%s: crc32 mismatch on read, reading it again', blockName(this.#dir, this.#index, i))
+    }
     return blockWeights(b, bytes)
   }
 
@@ -330,16 +445,18 @@ export class StreamingStore implements WeightStore {
   }
 }
 
-type LayerBlock = { attention?: AttentionShardWeights; ffn?: FfnShardWeights }
+type LayerBlock = { attention?: AttentionShardWeights<StreamedLinearWeight>; ffn?: FfnShardWeights<StreamedLinearWeight> }
 
 /** Views of one block's tensors on `bytes` (no copy). */
 function blockWeights(b: BlockEntry, bytes: Uint8Array): LayerBlock {
-  const t: Partial<Record<WeightName, LinearWeight>> = {}
+  const t: Partial<Record<WeightName, StreamedLinearWeight>> = {}
   for (const e of b.tensors) {
     const at = bytes.byteOffset + e.offset
     const n = e.rows * e.cols
     if (e.bits === 32) {
       t[e.name] = { bits: 32, rows: e.rows, cols: e.cols, data: new Float32Array(bytes.buffer, at, n) }
+    } else if (e.layout === 'blockwise') {
+      t[e.name] = blockwiseView(e.bits, e.rows, e.cols, new Uint8Array(bytes.buffer, at, blockwiseBytes(e.rows, e.cols)))
     } else {
       const blobBytes = (n * e.bits) / 8
       t[e.name] = {
@@ -367,6 +484,74 @@ function blockWeights(b: BlockEntry, bytes: Uint8Array): LayerBlock {
   return { ffn: { ffn_norm: vec('ffn_norm'), w1: t.w1!, w3: t.w3!, w2: t.w2! } }
 }
 
+/** Bytes of a block of `tensors` in a window slot: quantized weights blockwise, each tensor 8-byte aligned. */
+function streamedBlockBytes(tensors: readonly TensorShape[]): number {
+  let bytes = 0
+  for (const t of tensors) bytes = align(bytes, 8) + (t.bits === 32 ? t.rows * t.cols * 4 : blockwiseBytes(t.rows, t.cols))
+  return bytes
+}
+
+/** Bytes of a stored tensor in its own layout. */
+function tensorBytes(t: TensorShape): number {
+  const n = t.rows * t.cols
+  if (t.bits === 32) return n * 4
+  if (t.layout === 'blockwise') return blockwiseBytes(t.rows, t.cols)
+  return (n * t.bits) / 8 + (n / 32) * 4
+}
+
+/**
+ * The streaming copy of a shard with quantized weights: `<dir>/blockwise/`, the same blocks with every 4/8-bit weight
+ * laid out blockwise (splitter/quant/blockwise.ts), the layout the sliding window's graphs read (MatMulNBits is only
+ * fast on constant weights). Made once, block by block (one source and one converted block in memory), checked
+ * against the source's digests when reused.
+ * @returns the copy's directory, and whether it was made now (else an earlier copy of the same shard was reused).
+ * @throws ShardFileError as {@link readBlock} for a corrupted source block.
+ */
+async function prepareBlockwise(dir: string, index: ShardIndex, verify: boolean): Promise<{ dir: string; made: boolean }> {
+  const out = join(dir, 'blockwise')
+  const source = createHash('sha256')
+    .update(index.blocks.map((b) => b.sha256).join(','))
+    .digest('hex')
+  try {
+    const existing = JSON.parse(await readFile(join(out, 'index.json'), 'utf8')) as ShardIndex
+    if (existing.source === source) return { dir: out, made: false }
+  } catch {
+    // not made yet (or unreadable): make it
+  }
+  const t0 = performance.now()
+  const file = await open(join(dir, 'blocks.bin'), 'r')
+  const writer = await ShardFileWriter.create(out)
+  try {
+    const buffer = new Uint8Array(align(Math.max(...index.blocks.map((b) => b.bytes)), 8))
+    const converted = new Uint8Array(align(Math.max(...index.blocks.flatMap((b) => b.tensors.map((t) => blockwiseBytes(t.rows, t.cols)))), 8))
+    for (const [i, b] of index.blocks.entries()) {
+      await readBlock(file, dir, index, i, buffer, verify)
+      for (const t of b.tensors) {
+        const body = buffer.subarray(t.offset, t.offset + tensorBytes(t))
+        if (t.bits === 32 || t.layout === 'blockwise') {
+          await writer.add(b.layer, t.name, t.bits, t.rows, t.cols, body, t.layout)
+          continue
+        }
+        const n = t.rows * t.cols
+        const w = {
+          bits: t.bits,
+          rows: t.rows,
+          cols: t.cols,
+          blob: body.subarray(0, (n * t.bits) / 8),
+          scales: new Float32Array(body.buffer, body.byteOffset + (n * t.bits) / 8, n / 32),
+        }
+        nbitsToBlockwise(w, converted)
+        await writer.add(b.layer, t.name, t.bits, t.rows, t.cols, converted.subarray(0, blockwiseBytes(t.rows, t.cols)), 'blockwise')
+      }
+    }
+    const bytes = await writer.finish(source)
+    log('laid %d blocks of %s out for streaming: %d bytes in %d ms', index.blocks.length, dir, bytes, Math.round(performance.now() - t0))
+  } finally {
+    await file.close()
+  }
+  return { dir: out, made: true }
+}
+
 function layoutFromIndex(index: ShardIndex): BlockLayout {
   const bitsOf = (kind: BlockKind, name: WeightName): WeightBits =>
     index.blocks.find((b) => b.kind === kind)!.tensors.find((t) => t.name === name)!.bits
@@ -386,7 +571,7 @@ function layoutFromIndex(index: ShardIndex): BlockLayout {
  */
 async function readBlock(file: FileHandle, dir: string, index: ShardIndex, i: number, buffer: Uint8Array, verify: boolean): Promise<void> {
   const b = index.blocks[i]!
-  const where = `shard file ${join(dir, 'blocks.bin')}: layer ${b.layer} ${b.kind} block (block ${i + 1} of ${index.blocks.length}, bytes ${b.offset}..${b.offset + b.bytes})`
+  const where = blockName(dir, index, i)
   const { bytesRead } = await file.read(buffer, 0, b.bytes, b.offset)
   if (bytesRead !== b.bytes) throw new ShardFileError(`${where} is truncated: ${bytesRead} of ${b.bytes} bytes`)
   if (!verify) return
@@ -394,6 +579,17 @@ async function readBlock(file: FileHandle, dir: string, index: ShardIndex, i: nu
   if (sum !== b.sha256) {
     throw new ShardFileError(`${where} fails its sha256 check (index.json says ${b.sha256.slice(0, 16)}…, the file has ${sum.slice(0, 16)}…): corrupted on disk`)
   }
+}
+
+/** A block as errors name it: the file, the layer, the block (kind, position, byte range). */
+function blockName(dir: string, index: ShardIndex, i: number): string {
+  const b = index.blocks[i]!
+  return `shard file ${join(dir, 'blocks.bin')}: layer ${b.layer} ${b.kind} block (block ${i + 1} of ${index.blocks.length}, bytes ${b.offset}..${b.offset + b.bytes})`
+}
+
+/** A CRC-32 as 8 hex digits. */
+function hex32(value: number): string {
+  return (value >>> 0).toString(16).padStart(8, '0')
 }
 
 /**

@@ -1,5 +1,6 @@
+import { rm } from 'node:fs/promises'
 import { logger } from '@libp2p/logger'
-import type { LayerShardWeights, LinearWeight, TensorParallelPlan } from '../splitter/index.ts'
+import { formatLayers, type LayerShardWeights, type LinearWeight, type TensorParallelPlan } from '../splitter/index.ts'
 import {
   type AllreduceLink,
   f32Body,
@@ -10,12 +11,14 @@ import {
   TENSOR_PARALLEL_PROTOCOL,
   TransportNode,
   type TransportNodeOptions,
+  type WireDtype,
 } from '../transport/index.ts'
 import { join } from 'node:path'
 import { memoryUsage } from './memory.ts'
 import { type ForwardHeader, StageLeader, StageMember, StageRegistry, type StageRole, type StageSession } from './stage-worker.ts'
 import { type EmulatedLink, type MasterMessage, ProtocolError, parseMasterMessage, tensorBodyBytes, VECTOR_NAMES, type WeightName, type WorkerStats } from './protocol.ts'
 import { defaultShardDir, kvCacheBytes } from './shard-encoding.ts'
+import { serveSurvey } from './link-survey.ts'
 import { deviceProfile, serveInfo } from './peer-info.ts'
 import { checkAllreduceFrame, checkForwardFrame, ShardIntake } from './shard-intake.ts'
 import { allreduceTag, type ForwardTimings, ShardRunner } from './shard-runner.ts'
@@ -56,6 +59,11 @@ export interface WorkerOptions {
    * TransportNodeOptions). Default: a fresh key, anyone admitted.
    */
   readonly transport?: Pick<TransportNodeOptions, 'privateKey' | 'membership' | 'onSelfDiscovered'>
+  /**
+   * Loads this device's cached measurement (for its present CPU quota) or measures it now, and publishes it, for a
+   * master's survey (agent/link-survey.ts). Absent: the agent refuses to measure.
+   */
+  readonly measure?: () => Promise<{ readonly cached: boolean }>
 }
 
 /**
@@ -96,6 +104,7 @@ export class WorkerAgent {
     })
     await this.#node.handle(STAGE_PROTOCOL, (channel) => this.#stages.accept(channel))
     await serveInfo(this.#node, () => deviceProfile(this.#sessions > 0))
+    await serveSurvey(this.#node, { shapers: this.#shapers, ...(this.#options.measure ? { measure: this.#options.measure } : {}) })
   }
 
   /** Full multiaddrs (with `/p2p/<peer id>`) masters can dial. */
@@ -117,8 +126,12 @@ export class WorkerAgent {
     // Tracing (the plan says so): allreduce sends go through a traced link; otherwise straight to the channel.
     let tracer: TraceRecorder | undefined
     let hubLink: AllreduceLink = channel
-    const newMember = (): StarAllreduceMember => new StarAllreduceMember({ peer: channel.peer, send: (header, body) => hubLink.send(header, body) })
-    // One allreduce member per epoch: `abort` fails the old one (its passes are stale) and starts a fresh one.
+    // Element type of the partials sent to the master: the plan's (f32 until a plan says otherwise).
+    let wireDtype: WireDtype = 'f32'
+    const newMember = (): StarAllreduceMember =>
+      new StarAllreduceMember({ peer: channel.peer, send: (header, body) => hubLink.send(header, body) }, { wireDtype })
+    // One allreduce member per epoch: `abort` fails the old one (its passes are stale) and starts a fresh one; so does
+    // a plan with another wire dtype.
     let member = newMember()
     let plan: TensorParallelPlan | null = null
     let shardIndex = 0
@@ -126,7 +139,7 @@ export class WorkerAgent {
     let layersPerGraph: number | undefined
     let layers: Partial<Record<WeightName, LinearWeight>>[] = []
     let received = 0
-    /** Checks of the current plan's shard load (issue 8): every tensor and load-done is validated against the plan. */
+    /** Checks of the current plan's shard load: every tensor and load-done is validated against the plan. */
     let intake: ShardIntake | null = null
     let runner: ShardRunner | null = null
     let writer: ShardFileWriter | null = null
@@ -139,7 +152,7 @@ export class WorkerAgent {
     // Pipeline and hybrid plans: the worker's part in a stage without the master (null: member of the master's stage).
     let stage: StageRole | null = null
     let links: readonly EmulatedLink[] = []
-    // Recovery (issue 8): the master's epoch, the first step of its passes (earlier `forward`/`ar` frames are stale),
+    // Recovery: the master's epoch, the first step of its passes (earlier `forward`/`ar` frames are stale),
     // and whether a pass failed because of another worker (passes are then dropped until the master's `abort`).
     let epoch = 0
     let firstStep = 0
@@ -259,8 +272,15 @@ export class WorkerAgent {
           case 'plan':
             intake = new ShardIntake(msg.plan, msg.shardIndex, {
               threads: msg.threads,
+              wireDtype: msg.wireDtype,
               ...(this.#options.memoryBudgetBytes === undefined ? {} : { memoryBytes: this.#options.memoryBudgetBytes }),
             })
+            if (intake.wireDtype !== wireDtype) {
+              wireDtype = intake.wireDtype
+              const old = member
+              member = newMember()
+              old.fail(new Error(`the plan of master ${peer} changed the wire dtype to ${wireDtype}`))
+            }
             if (writer) await writer.finish().catch(() => {}) // a load cut short by a new plan: close its file
             writer = null
             plan = msg.plan
@@ -271,15 +291,15 @@ export class WorkerAgent {
             hubLink = tracer ? tracedLink(channel, tracer) : channel
             layers = Array.from({ length: plan.model.nLayers }, () => ({}))
             received = 0
+            links = msg.links ?? []
+            peerDeadlineMs = msg.peerDeadlineMs
             await stage?.close()
             stage =
               msg.role === 'leader'
-                ? new StageLeader(session(), msg.stageId!, peerDeadlineMs === undefined ? {} : { peerDeadlineMs, model: msg.plan.model })
+                ? new StageLeader(session(), msg.stageId!, { wireDtype, ...(peerDeadlineMs === undefined ? {} : { peerDeadlineMs, model: msg.plan.model }) })
                 : msg.role === 'stage-member'
-                  ? new StageMember(session(), this.#stages, msg.stageId!, shardIndex)
+                  ? new StageMember(session(), this.#stages, msg.stageId!, shardIndex, { wireDtype })
                   : null
-            links = msg.links ?? []
-            peerDeadlineMs = msg.peerDeadlineMs
             if (msg.heartbeatMs !== undefined) startHeartbeat(msg.heartbeatMs)
             if (this.#options.memoryBudgetBytes !== undefined) {
               shardDir = join(this.#options.shardDir ?? defaultShardDir('worker'), `shard-${shardIndex}`)
@@ -292,7 +312,7 @@ export class WorkerAgent {
             const layer = layers[msg.layer]
             const { start, count } = plan.layers
             if (!layer || msg.layer < start || msg.layer >= start + count) {
-              throw new RangeError(`tensor for layer ${msg.layer}: the plan runs layers ${start}..${start + count}`)
+              throw new RangeError(`tensor for layer ${msg.layer}: the plan runs ${formatLayers(start, count)}`)
             }
             if (writer) {
               const expected = tensorBodyBytes(msg.bits, msg.rows, msg.cols)
@@ -312,7 +332,7 @@ export class WorkerAgent {
             if (writer) {
               await writer.finish()
               writer = null
-              const store = await openShard(shardDir, { budgetBytes: this.#options.memoryBudgetBytes!, kvCacheBytes: kvCacheBytes(plan, shardIndex) })
+              const store = await openShard(shardDir, { budgetBytes: this.#options.memoryBudgetBytes!, kvCacheBytes: kvCacheBytes(plan, shardIndex), quantizedMatmul: plan.quantizedMatmul })
               runner = await ShardRunner.create(plan, shardIndex, store, { threads, lowMemory: true })
             } else {
               runner = await ShardRunner.create(plan, shardIndex, layers.map(toLayerWeights), { threads, ...(layersPerGraph !== undefined ? { layersPerGraph } : {}) })
@@ -380,6 +400,8 @@ export class WorkerAgent {
       await stage?.close(failure)
       for (const l of links) this.#shapers.delete(l.peer)
       await runner?.release()
+      // The shard on disk belongs to this session's plan: a default directory goes with it.
+      if (shardDir && this.#options.shardDir === undefined) await rm(shardDir, { recursive: true, force: true }).catch(() => {})
       // a master that ended gracefully without `bye` would otherwise leave our half of the stream open for good
       await channel.close().catch(() => {})
       log('master %s disconnected', peer)

@@ -31,6 +31,7 @@ import {
   attentionShareBytes,
   type ClusterPlan,
   ffnShareBytes,
+  formatLayers,
   loadModel,
   type ModelDescription,
   modelCostShape,
@@ -427,7 +428,7 @@ function planCli(clusterPath: string): PlanJson {
 }
 
 function describeStages(plan: ClusterPlan): string {
-  return plan.stages.map((s) => `layers ${s.layers.start}–${s.layers.start + s.layers.count - 1}: ${s.devices.join('+')}`).join(' | ')
+  return plan.stages.map((s) => `${formatLayers(s.layers.start, s.layers.count)}: ${s.devices.join('+')}`).join(' | ')
 }
 
 function planRun(clusterPath: string, plan: string, tag: string, probe: boolean): Record<string, unknown> & { measuredMsPerToken: number; predictedMsPerToken: number } {

@@ -1,5 +1,5 @@
 /**
- * Recovery time after a worker is lost (issue 8): `run --peers 4` on stories260K and on the TinyLlama-1.1B shape
+ * Recovery time after a worker is lost: `run --peers 4` on stories260K and on the TinyLlama-1.1B shape
  * Q4_0 (synthetic), worker 2 killed with SIGKILL mid-generation (and, on stories260K, stopped with SIGSTOP), with both
  * strategies (`--recovery adopt`: the master takes the lost shard over; `even`: re-plan and re-send every shard). For
  * each run: detection (from the signal to the master declaring the worker lost, wall clock), then the master's phases

@@ -18,6 +18,7 @@
  * encryption, copies, waking its event loop (default 0).
  */
 import type { ClusterPlan, StagePlan } from './cluster-plan.ts'
+import { formatLayers } from './layer-range.ts'
 import type { LayerStorage, ModelCostShape, WeightStorage } from './model-cost.ts'
 import type { ShardSpec, UnitRange } from './tensor-parallel-plan.ts'
 
@@ -252,7 +253,7 @@ export function predictClusterPlan(input: ClusterCostInput, plan: Pick<ClusterPl
       if (!Number.isInteger(d) || d < 0 || d >= input.devices.length) throw new RangeError(`cannot cost a stage on device ${d}: there are ${input.devices.length} devices`)
     }
     if (stage.layers.start < 0 || stage.layers.start + stage.layers.count > input.model.layers.length) {
-      throw new RangeError(`cannot cost layers ${stage.layers.start}..${stage.layers.start + stage.layers.count}: the model has ${input.model.layers.length}`)
+      throw new RangeError(`cannot cost ${formatLayers(stage.layers.start, stage.layers.count)}: the model has ${formatLayers(0, input.model.layers.length)}`)
     }
     const c = stageCost(input, stage)
     computeMs += c.computeMs

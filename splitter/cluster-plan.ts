@@ -21,6 +21,7 @@ import {
   stageMemoryBytes,
 } from './cluster-cost.ts'
 import { InsufficientMemoryError } from './errors.ts'
+import { formatLayers } from './layer-range.ts'
 import { planTensorParallel, proportionalShares, type TensorParallelPlan, type UnitRange } from './tensor-parallel-plan.ts'
 
 /** One stage of a cluster plan: a layer range run tensor-parallel by a group of devices. */
@@ -188,7 +189,7 @@ class Planner {
       const fractions = mode === 'even' ? members.map(() => 1 / members.length) : waterFill(speeds, caps)
       if (!fractions) {
         const hold = avail.reduce((a, b) => a + b, 0)
-        return { failure: `${members.map((d) => this.name(d)).join(', ')} hold ${hold} bytes, layers ${layers.start}..${layers.start + layers.count} need ${stageBytes}` }
+        return { failure: `${members.map((d) => this.name(d)).join(', ')} hold ${hold} bytes, ${formatLayers(layers.start, layers.count)} need ${stageBytes}` }
       }
       let tp: TensorParallelPlan
       try {

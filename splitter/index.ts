@@ -30,6 +30,7 @@ export {
   planTensorParallel,
   proportionalShares,
 } from './tensor-parallel-plan.ts'
+export { formatLayers } from './layer-range.ts'
 export {
   type ClusterPlan,
   type ClusterPlanChoice,
@@ -76,6 +77,7 @@ export {
   type FfnShardWeights,
   type LayerShardWeights,
   type LinearWeight,
+  type StreamedLinearWeight,
   linearColumns,
   linearRows,
   sliceColumns,
@@ -84,6 +86,7 @@ export {
   toLinearWeight,
   type WeightSource,
 } from './slice.ts'
+export { type BlockwiseWeight, blockwiseBytes, blockwiseView, blockwiseZeroPoint, nbitsToBlockwise } from './quant/blockwise.ts'
 export { ggmlColumnsToNBits, ggmlToNBits, type NBitsWeight, nbitsColumns, nbitsRowF32, nbitsRows } from './quant/matmul-nbits.ts'
 export {
   type AttentionKernel,
@@ -98,6 +101,8 @@ export {
   ropeCaches,
   ropeTables,
   type WeightBits,
+  type QuantizedInputs,
+  type QuantizedMatmul,
 } from './graph/llama-blocks.ts'
 export { GraphBuilder } from './graph/onnx-builder.ts'
 export {

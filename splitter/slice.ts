@@ -1,5 +1,6 @@
 import type { DType } from './model.ts'
 import { bf16BytesToF32, f16BytesToF32 } from './quant/ggml-blocks.ts'
+import type { BlockwiseWeight } from './quant/blockwise.ts'
 import { ggmlToNBits, type NBitsWeight, nbitsColumns, nbitsRows } from './quant/matmul-nbits.ts'
 import type { PlanModelShape, ShardSpec } from './tensor-parallel-plan.ts'
 
@@ -43,6 +44,12 @@ export interface F32Weight {
 export type LinearWeight = F32Weight | NBitsWeight
 
 /**
+ * A linear weight as a sliding window streams it: quantized blocks are laid out for streaming
+ * (splitter/quant/blockwise.ts); made only by a streaming weight store, never sliced or sent.
+ */
+export type StreamedLinearWeight = LinearWeight | BlockwiseWeight
+
+/**
  * A stored tensor [rows, cols] as a linear weight: f32/f16/bf16 become f32, q4_0/q8_0 are re-laid out for
  * MatMulNBits without dequantizing.
  * @throws RangeError when the byte count does not fit the shape.
@@ -76,32 +83,35 @@ export function linearColumns(w: LinearWeight, start: number, count: number): Li
   return { bits: 32, rows: w.rows, cols: count, data: sliceColumns(w.data, w.cols, start, count) }
 }
 
-/** One peer's attention weights for one layer (see `buildAttentionBlock`). */
-export interface AttentionShardWeights {
+/**
+ * One peer's attention weights for one layer (see `buildAttentionBlock`); `W` is {@link StreamedLinearWeight} for
+ * weights from a sliding window.
+ */
+export interface AttentionShardWeights<W extends StreamedLinearWeight = LinearWeight> {
   /** [dim] f32 */
   readonly attn_norm: Float32Array
   /** [heads*headDim, dim] */
-  readonly wq: LinearWeight
+  readonly wq: W
   /** [kvHeads*headDim, dim] */
-  readonly wk: LinearWeight
+  readonly wk: W
   /** [kvHeads*headDim, dim] */
-  readonly wv: LinearWeight
+  readonly wv: W
   /** [dim, heads*headDim] */
-  readonly wo: LinearWeight
+  readonly wo: W
   /** Q/K/V biases [heads*headDim], [kvHeads*headDim] ×2 f32 (Qwen2), or null. */
   readonly bias: { readonly bq: Float32Array; readonly bk: Float32Array; readonly bv: Float32Array } | null
 }
 
-/** One peer's FFN weights for one layer (see `buildFfnBlock`). */
-export interface FfnShardWeights {
+/** One peer's FFN weights for one layer (see `buildFfnBlock`); `W` as for {@link AttentionShardWeights}. */
+export interface FfnShardWeights<W extends StreamedLinearWeight = LinearWeight> {
   /** [dim] f32 */
   readonly ffn_norm: Float32Array
   /** gate [columns, dim] */
-  readonly w1: LinearWeight
+  readonly w1: W
   /** up [columns, dim] */
-  readonly w3: LinearWeight
+  readonly w3: W
   /** down [dim, columns] */
-  readonly w2: LinearWeight
+  readonly w2: W
 }
 
 /** A peer's weights for one layer; `null` where its plan gives it no share of that block. */

@@ -4,8 +4,9 @@
  * the check of a plan read from a file. Pure.
  */
 import type { ClusterPlan, StagePlan } from './cluster-plan.ts'
+import { formatLayers } from './layer-range.ts'
 import type { LlamaConfig } from './model.ts'
-import { planTensorParallel, type TensorParallelOptions, type TensorParallelPlan } from './tensor-parallel-plan.ts'
+import { type PlanModelShape, planTensorParallel, type TensorParallelOptions, type TensorParallelPlan } from './tensor-parallel-plan.ts'
 
 /** One stage of a layout: its devices (0 = master; the first is the stage's hub) and how many layers it runs. */
 export interface StageLayout {
@@ -131,12 +132,13 @@ export function checkClusterPlan(value: unknown, config: LlamaConfig, nDevices: 
     throw new RangeError('not a cluster plan: expected { kind: tensor-parallel|pipeline|hybrid, version: 1, stages: [...] }')
   }
   if (!Array.isArray(plan.stages) || plan.stages.length === 0) throw new RangeError('cluster plan: stages must be a non-empty array')
-  const shape = JSON.stringify(planTensorParallel(config, 1).model)
+  const expected = planTensorParallel(config, 1).model
+  const shape = JSON.stringify(expected)
   let next = 0
   for (const [i, stage] of plan.stages.entries()) {
     const { start, count } = stage?.layers ?? {}
     if (start !== next || !Number.isInteger(count) || count! < 1) {
-      throw new RangeError(`cluster plan stage ${i}: layers ${JSON.stringify(stage?.layers)} must start at layer ${next} and hold at least one`)
+      throw new RangeError(`cluster plan stage ${i}: ${layersText(stage?.layers)} must start at layer ${next} and hold at least one`)
     }
     next += count!
     if (!Array.isArray(stage.devices)) throw new RangeError(`cluster plan stage ${i}: devices must be an array`)
@@ -145,18 +147,37 @@ export function checkClusterPlan(value: unknown, config: LlamaConfig, nDevices: 
       throw new RangeError(`cluster plan stage ${i}: tensorParallel must be a tensor-parallel plan of version 1`)
     }
     if (tp.layers?.start !== start || tp.layers?.count !== count) {
-      throw new RangeError(`cluster plan stage ${i}: its tensor-parallel plan runs layers ${JSON.stringify(tp.layers)}, the stage ${JSON.stringify(stage.layers)}`)
+      throw new RangeError(`cluster plan stage ${i}: its tensor-parallel plan runs ${layersText(tp.layers)}, the stage ${layersText(stage.layers)}`)
     }
-    if (JSON.stringify(tp.model) !== shape) throw new RangeError(`cluster plan stage ${i}: the tensor-parallel plan is for another model shape`)
+    if (JSON.stringify(tp.model) !== shape) throw new RangeError(`cluster plan stage ${i}: the tensor-parallel plan is for another model (${modelDifference(tp.model, expected)})`)
     if (tp.shards.length !== stage.devices.length) {
       throw new RangeError(`cluster plan stage ${i}: ${tp.shards.length} shards for ${stage.devices.length} devices`)
     }
     checkShares(tp, config, i)
   }
-  if (next !== config.nLayers) throw new RangeError(`cluster plan: stages cover layers 0..${next}, the model has ${config.nLayers}`)
+  if (next !== config.nLayers) throw new RangeError(`cluster plan: stages cover ${formatLayers(0, next)}, the model has ${formatLayers(0, config.nLayers)}`)
   checkDevices(plan.stages.map((s) => s.devices), nDevices)
   if (planKind(plan.stages) !== plan.kind) throw new RangeError(`cluster plan: kind ${plan.kind} does not match its stages (${planKind(plan.stages)})`)
   return plan
+}
+
+/** A plan's (untrusted) layer range for messages: `layers 2–4` when it is one, else its JSON (`layers {"start":-1}`). */
+function layersText(range: unknown): string {
+  const r = range as { start?: unknown; count?: unknown } | undefined
+  if (Number.isInteger(r?.start) && Number.isInteger(r?.count) && (r!.count as number) > 0) return formatLayers(r!.start as number, r!.count as number)
+  return `layers ${(JSON.stringify(range) ?? String(range)).slice(0, 60)}`
+}
+
+/** The fields where a plan's model shape differs from the model's, e.g. `maxSeqLen 128, the model has 512; dim …`. */
+function modelDifference(planned: unknown, expected: PlanModelShape): string {
+  const p = (typeof planned === 'object' && planned !== null ? planned : {}) as Record<string, unknown>
+  const keys = [...new Set([...Object.keys(expected), ...Object.keys(p)])]
+  const differ = keys.filter((k) => JSON.stringify(p[k]) !== JSON.stringify((expected as unknown as Record<string, unknown>)[k]))
+  const text = (v: unknown): string => (v === undefined ? 'none' : (JSON.stringify(v) ?? String(v)).slice(0, 40))
+  return differ
+    .slice(0, 4)
+    .map((k) => `${k} ${text(p[k])}, the model has ${text((expected as unknown as Record<string, unknown>)[k])}`)
+    .join('; ')
 }
 
 /** Shards in index order whose KV heads, query heads and FFN columns tile the model's exactly once. */

@@ -1,3 +1,4 @@
+import { formatLayers } from './layer-range.ts'
 import type { LlamaConfig } from './model.ts'
 
 /** A half-open range of units: `[start, start + count)`. */
@@ -147,7 +148,7 @@ export function planTensorParallel(config: LlamaConfig, nPeers: number, options:
   }))
   const layers = options.layers ?? { start: 0, count: config.nLayers }
   if (!Number.isInteger(layers.start) || !Number.isInteger(layers.count) || layers.start < 0 || layers.count < 1 || layers.start + layers.count > config.nLayers) {
-    throw new RangeError(`cannot plan layers ${layers.start}..${layers.start + layers.count}: the model has layers 0..${config.nLayers}`)
+    throw new RangeError(`cannot plan ${formatLayers(layers.start, layers.count)}: the model has ${formatLayers(0, config.nLayers)}`)
   }
   const attentionBlock = options.attentionBlock ?? 1
   for (const s of shards) {

@@ -32,6 +32,9 @@ export const ALLREDUCE_FRAME_TYPE = 'ar'
  */
 export type WireDtype = 'f32' | 'f16'
 
+/** Every {@link WireDtype}, the default first (for flag choices and checks of untrusted input). */
+export const WIRE_DTYPES: readonly WireDtype[] = ['f32', 'f16']
+
 /** Options of a `StarAllreduceHub`, `StarAllreduceMember` or `createInProcessAllreduce` group. */
 export interface StarAllreduceOptions {
   /** Element type this side sends. Default `'f32'`. */

@@ -1,11 +1,13 @@
 /**
- * IEEE 754 binary16 (half precision) conversion for tensors on the wire. Encoding uses the engine's Float16Array
- * where there is one (Node 24; about twice as fast) and plain integer arithmetic otherwise (Node 22) — same results.
+ * IEEE 754 binary16 (half precision) conversion for tensors on the wire. Encoding and decoding use the engine's
+ * Float16Array where there is one (Node 24; about twice and three times as fast) and plain integer arithmetic or a
+ * table otherwise (Node 22) — same results.
  *
  * Encoding rounds to nearest, ties to even (Giesen, "float_to_half_fast3_rtne"); finite values beyond the f16 range
  * saturate to ±65504 instead of becoming ±Infinity (one outlier must not turn a sum into NaN), ±Infinity stays
  * ±Infinity, NaN stays NaN. Relative error of a normal value ≤ 2^-11 ≈ 4.9e-4; below 2^-14 ≈ 6.1e-5 the absolute
- * error is ≤ 2^-25 ≈ 3e-8 (subnormals). Decoding is exact (a 65536-entry table, 256 KiB, built on first use).
+ * error is ≤ 2^-25 ≈ 3e-8 (subnormals). Decoding is exact (the engine's conversion, or a 65536-entry table, 256 KiB,
+ * built on first use).
  */
 
 /** Largest finite f16, as f16 bits without sign. */
@@ -35,6 +37,9 @@ function halfBits(x: number): number {
 
 let decodeTable: Float32Array | undefined
 
+/** Reused by `addF16Into` for the decoded values ([≥ n] f32; grows, never shrinks). */
+let addScratch = new Float32Array(0)
+
 /** The f32 value of every f16 bit pattern ([65536] f32). */
 function table(): Float32Array {
   if (decodeTable !== undefined) return decodeTable
@@ -56,7 +61,7 @@ type Float16ArrayConstructor = new (
   buffer: ArrayBufferLike,
   byteOffset: number,
   length: number,
-) => { set(values: ArrayLike<number>): void }
+) => ArrayLike<number> & { set(values: ArrayLike<number>): void }
 const NativeFloat16Array = (globalThis as { Float16Array?: Float16ArrayConstructor }).Float16Array
 
 function checkLengths(what: string, source: number, target: number): void {
@@ -88,6 +93,10 @@ export function encodeF16(values: Float32Array, out: Uint16Array = new Uint16Arr
  */
 export function decodeF16(halves: Uint16Array, out: Float32Array = new Float32Array(halves.length)): Float32Array {
   checkLengths('decode f16', halves.length, out.length)
+  if (NativeFloat16Array !== undefined) {
+    out.set(new NativeFloat16Array(halves.buffer, halves.byteOffset, halves.length)) // exact widening
+    return out
+  }
   const t = table()
   for (let k = 0; k < halves.length; k++) out[k] = t[halves[k]!]!
   return out
@@ -99,6 +108,12 @@ export function decodeF16(halves: Uint16Array, out: Float32Array = new Float32Ar
  */
 export function addF16Into(sum: Float32Array, halves: Uint16Array): void {
   checkLengths('add f16', halves.length, sum.length)
+  if (NativeFloat16Array !== undefined) {
+    if (addScratch.length < halves.length) addScratch = new Float32Array(halves.length)
+    const values = decodeF16(halves, addScratch.subarray(0, halves.length)) // [n] f32
+    for (let k = 0; k < values.length; k++) sum[k]! += values[k]!
+    return
+  }
   const t = table()
   for (let k = 0; k < halves.length; k++) sum[k]! += t[halves[k]!]!
 }

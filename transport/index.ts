@@ -8,6 +8,7 @@ export {
   createInProcessAllreduce,
   StarAllreduceHub,
   StarAllreduceMember,
+  WIRE_DTYPES,
 } from './allreduce.ts'
 export type { ChannelRemote, ChannelStream, FramedChannelOptions } from './channel.ts'
 export { CLOSE_FRAME_TYPE, FramedChannel } from './channel.ts'
@@ -41,7 +42,7 @@ export type {
 } from './node.ts'
 export { DEFAULT_DIAL_TIMEOUT_MS, TransportNode } from './node.ts'
 export { INFO_PROTOCOL, MDNS_SERVICE_TAG, TENSOR_PARALLEL_PROTOCOL } from './protocols.ts'
-export { SPLIT_PROTOCOL, STAGE_PROTOCOL } from './protocols.ts'
+export { SPLIT_PROTOCOL, STAGE_PROTOCOL, SURVEY_PROTOCOL } from './protocols.ts'
 export {
   type BottleneckCodec,
   CODEC_COMPRESSIONS,

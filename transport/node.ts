@@ -6,12 +6,12 @@
  * Liveness: Yamux keepalive (every 30 s) keeps idle sockets open (@libp2p/tcp closes sockets idle for 2 minutes) but
  * does not detect a silently dead peer; callers bound waits with `signal` (e.g. `AbortSignal.timeout`).
  *
- * Data path (issue 6, measured in bench/allreduce.ts): noise always encrypts, with OpenSSL's ChaCha20-Poly1305 and
+ * Data path (measured in bench/allreduce.ts): noise always encrypts, with OpenSSL's ChaCha20-Poly1305 and
  * X25519 (`noise-crypto.ts`, interoperable with any libp2p noise peer); each libp2p send is one socket write and
  * noise's decoder builds no Error per message (`connection-tuning.ts`); yamux grants receive window per half window
  * instead of per frame (`yamux-window.ts`); frames are padded so tensor bodies arrive 8-byte aligned (no copy).
  *
- * Membership (issue 8): `membership.trustedPeers` admits only the listed peer ids. The connection gater refuses any
+ * Membership: `membership.trustedPeers` admits only the listed peer ids. The connection gater refuses any
  * other peer right after the noise handshake (before a muxer or a stream exists), in both directions, and every
  * inbound stream is checked again before its handler runs; refusals are logged with the peer id. `membership.psk`
  * makes this node a libp2p private network (XSalsa20 under noise, @libp2p/pnet): a peer without the same key cannot

@@ -24,3 +24,10 @@ export const SPLIT_PROTOCOL = '/edgeshard/split/1.0.0'
  * `stage-join`, then relays forward passes and resets; allreduce frames flow as on the tensor-parallel protocol.
  */
 export const STAGE_PROTOCOL = '/edgeshard/stage/1.0.0'
+
+/**
+ * Cluster survey before planning (agent/link-survey.ts): the master asks an agent to emulate its links for the
+ * session (`survey-shape`), to measure its links to other agents over the info protocol (`survey-probe`), and to
+ * measure its device and publish the result (`survey-measure`). Emulated links end with the stream.
+ */
+export const SURVEY_PROTOCOL = '/edgeshard/survey/1.0.0'

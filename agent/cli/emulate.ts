@@ -5,26 +5,27 @@
  * (transport/link-shaper.ts: half the round trip each way plus the rate, shaped by the sender). CPU: a cgroup CPU
  * quota per process (its `cpu` share of one core) where root and a cpu controller allow, otherwise a warning that CPU
  * is unconstrained. Memory: the device's budget becomes the agent's `--memory-budget`. Then it plans (`--plan`,
- * default auto: the planner on the file's profiles and links) and generates as `run` does.
+ * default auto: the planner on the file's profiles and links; with `--probe-links` on every link as measured between
+ * the processes, with `--profiles measured` on the profile each agent measures under its CPU share and publishes; the
+ * memory budgets are always the file's) and generates as `run` does.
  */
 import type { ChildProcess } from 'node:child_process'
-import type { Command } from 'commander'
+import { type Command, Option } from 'commander'
 import { type ClusterSpec, clusterLink, readClusterFile } from '../../devices/index.ts'
-import { type ClusterPlan, type ModelDescription, planClusterChoice } from '../../splitter/index.ts'
 import type { LinkEmulation } from '../../transport/index.ts'
-import type { Cluster } from '../cluster.ts'
 import { CpuQuotas } from '../cpu-quota.ts'
 import { UsageError } from '../errors.ts'
 import { type LocalWorkers, spawnLocalWorkers } from '../local-workers.ts'
-import { clusterPlanInput } from './plan.ts'
+import { withSurvey } from '../surveyed-cluster.ts'
+import { plannedFor } from './plan.ts'
 import type { ClusterFlags, ClusterSetup } from './start-cluster.ts'
 
 /** The flags `emulate` adds to those of `run`. */
 export interface EmulateFlags extends ClusterFlags {
   /** `--cluster FILE.json`. */
   cluster: string
-  /** `--probe-links`: measure the master's link to every worker before generating. */
-  probeLinks?: boolean
+  /** `--profiles file|measured`: what `--plan auto` takes device speeds from (default file). */
+  profiles?: 'file' | 'measured'
 }
 
 /**
@@ -34,35 +35,6 @@ export function emulatedLinks(spec: ClusterSpec): (from: number, to: number) => 
   return (from, to) => {
     const link = clusterLink(spec, from, to)
     return { rttMs: link.rttMs, bitsPerSecond: link.mbps * 1e6 }
-  }
-}
-
-/**
- * The planner's choice for the devices and links of `spec` (their profiles' decode rates and memory budgets), as
- * `edgeshard plan` makes it.
- * @throws InsufficientMemoryError (from the planner) when no plan fits the budgets
- */
-export function plannedFor(spec: ClusterSpec, model: ModelDescription, quantizedMatmul: 'exact' | 'int8' = 'exact'): ClusterPlan {
-  return planClusterChoice(clusterPlanInput(model, spec, { quantizedMatmul })).chosen
-}
-
-/**
- * Measures the master's link to every worker and prints it beside the emulated one:
- * `edgeshard: link laptop → pi-a measured: rtt 20.31 ms (emulated 20), 49.6 Mbit/s (emulated 50)`.
- * Throughput probes take about a quarter second each at the emulated rate.
- */
-async function probeEmulatedLinks(cluster: Cluster, spec: ClusterSpec, links: (from: number, to: number) => LinkEmulation): Promise<void> {
-  const measured = await cluster.probeLinks((device) => ({
-    rounds: 10,
-    payloadRounds: 3,
-    payloadBytes: Math.round(Math.min(8 * 2 ** 20, Math.max(64 * 2 ** 10, (links(0, device).bitsPerSecond * 0.25) / 8))),
-  }))
-  for (const { device, link } of measured) {
-    const set = links(0, device)
-    process.stderr.write(
-      `edgeshard: link ${spec.devices[0]!.name} → ${spec.devices[device]!.name} measured: rtt ${link.rttMs.toFixed(2)} ms (emulated ${set.rttMs}), ` +
-        `${link.mbps.toFixed(1)} Mbit/s (emulated ${set.bitsPerSecond / 1e6})\n`,
-    )
   }
 }
 
@@ -79,7 +51,11 @@ export function registerEmulate<F extends EmulateFlags>(
     .command('emulate')
     .description('emulate a cluster file on this machine (an agent per device, link latency and rate, CPU quotas, memory budgets) and generate')
     .requiredOption('--cluster <file>', 'cluster file (JSON: devices with profile, cpu and memoryBudget; links)')
-    .option('--probe-links', "measure the master's emulated link to every worker (round trip, throughput) before generating")
+    .addOption(
+      new Option('--profiles <source>', "device speeds for --plan auto: the cluster file's profiles, or what each agent measures under its CPU share and publishes")
+        .choices(['file', 'measured'])
+        .default('file'),
+    )
   addOptions(command).action((flags: F) => emulate(flags, run))
 }
 
@@ -95,6 +71,8 @@ export async function emulate<F extends EmulateFlags>(flags: F, run: (flags: F, 
     throw new UsageError("emulate takes memory budgets from --cluster (each device's memoryBudget): drop --memory-budget")
   }
   const spec = readClusterFile(flags.cluster)
+  const auto = (flags.plan ?? 'auto') === 'auto' && flags.planFile === undefined
+  if (flags.profiles === 'measured' && !auto) throw new UsageError('--profiles measured is what --plan auto plans from: drop it, or plan with --plan auto')
   const status = (line: string): void => {
     if (!flags.quiet) process.stderr.write(`edgeshard: ${line}\n`)
   }
@@ -102,6 +80,9 @@ export async function emulate<F extends EmulateFlags>(flags: F, run: (flags: F, 
   const quotas = wantsCpu ? CpuQuotas.create() : null
   if (typeof quotas === 'string') process.stderr.write(`edgeshard: warning: CPU is unconstrained (${quotas}); the devices' cpu shares are ignored\n`)
   const cpu = quotas instanceof CpuQuotas ? quotas : null
+  if (cpu && cpu.removedStale.length > 0) {
+    status(`removed ${cpu.removedStale.length} stale cgroup${cpu.removedStale.length === 1 ? '' : 's'} of emulators that are gone: ${cpu.removedStale.join(', ')}`)
+  }
   // Interrupted: stop the workers (they exit with their stdin) and remove the groups before going.
   const interrupted = (): void => {
     for (const child of workerProcesses) child.kill('SIGKILL')
@@ -128,8 +109,12 @@ export async function emulate<F extends EmulateFlags>(flags: F, run: (flags: F, 
     if (spec.devices.length === 1) limitMaster()
     const setup: ClusterSetup = {
       links,
-      ...(flags.probeLinks ? { onStarted: (cluster: Cluster) => probeEmulatedLinks(cluster, spec, links) } : {}),
-      autoPlan: (model) => plannedFor(spec, model, flags.quantizedMatmul),
+      deviceNames: spec.devices.map((d) => d.name),
+      deviceBudgets: spec.devices.map((d) => d.memoryBudgetBytes),
+      measuredProfiles: flags.profiles === 'measured',
+      // Measured links (--probe-links) and profiles (--profiles measured) replace the file's; budgets stay the file's.
+      autoPlan: (model, _nDevices, survey) =>
+        plannedFor(survey ? withSurvey(spec, survey, { links: survey.links.length > 0, profiles: survey.profiles.length > 0 }) : spec, model, flags.quantizedMatmul),
       spawnWorkers: async (count, agentArgs): Promise<LocalWorkers> => {
         const workers = await spawnLocalWorkers(count, {
           agentArgs: (i) => [...agentArgs(i), '--memory-budget', String(spec.devices[i]!.memoryBudgetBytes)],

@@ -7,6 +7,7 @@ import {
   buildClusterPlan,
   type ClusterPlan,
   checkClusterPlan,
+  formatLayers,
   hybridClusterPlan,
   type ModelDescription,
   parseStageLayout,
@@ -23,7 +24,8 @@ export const PLAN_KINDS = ['tp', 'pipeline', 'hybrid', 'auto'] as const
 /** Help text of `--plan`. */
 export const PLAN_HELP =
   'cluster plan: tp (tensor parallel; the default of run and serve), pipeline (one device per layer range), hybrid (pairs of devices ' +
-  'tensor-parallel, pipelined), auto (the planner; needs device profiles; the default of emulate), or stages such as 0+1:2,2+3:3 ' +
+  'tensor-parallel, pipelined), auto (the planner: on the cluster file in emulate, where it is the default; elsewhere on the agents\' ' +
+  'published measurements and measured links), or stages such as 0+1:2,2+3:3 ' +
   '(devices joined by +, a colon, its layer count; device 0 = this master, i = worker i)'
 
 /** The flags this module reads. */
@@ -34,12 +36,52 @@ export interface PlanFlags {
 }
 
 /**
- * The cluster plan the flags ask for over `nDevices` devices (master included).
- * @param auto the planner's choice for `--plan auto`, where device profiles are known (`emulate`); absent = refused.
- * @throws UsageError for both flags, an unreadable or non-JSON plan file, or `auto` without profiles; RangeError from
- *   the builders or the plan check, naming the numbers.
+ * Checks the devices a plan file's stages name against the cluster at hand: every index must exist, and where the file
+ * names its devices (`edgeshard plan --json` lists them) and the cluster's names are known (`emulate`), the names must
+ * agree.
+ * @throws RangeError naming the file, the stage, the device and what the cluster has
  */
-export function resolvePlan(flags: PlanFlags, model: ModelDescription, nDevices: number, auto?: () => ClusterPlan): ClusterPlan {
+function checkPlanDevices(file: string, document: unknown, plan: unknown, nDevices: number, names: readonly string[] | undefined): void {
+  const listed = (document as { devices?: unknown } | null)?.devices
+  const fileName = (d: number): string | undefined => {
+    const entry = Array.isArray(listed) ? (listed[d] as { name?: unknown } | undefined) : undefined
+    return typeof entry?.name === 'string' ? entry.name : undefined
+  }
+  const have = names
+    ? `${nDevices} device${nDevices === 1 ? '' : 's'} (${names.map((n, d) => `${d} = ${n}`).join(', ')})`
+    : `${nDevices} device${nDevices === 1 ? '' : 's'} (the master${nDevices > 1 ? ` and ${nDevices - 1} worker${nDevices > 2 ? 's' : ''}` : ''})`
+  const stages = (plan as { stages?: unknown } | null)?.stages
+  if (!Array.isArray(stages)) return // the plan check names what is wrong
+  for (const [i, stage] of stages.entries()) {
+    const devices = (stage as { devices?: unknown } | null)?.devices
+    if (!Array.isArray(devices)) continue
+    for (const d of devices) {
+      if (typeof d !== 'number' || !Number.isInteger(d)) continue
+      const named = fileName(d)
+      if (d < 0 || d >= nDevices) {
+        throw new RangeError(`plan file ${file}: stage ${i} runs on device ${d}${named ? ` (${named})` : ''}, which does not exist: this cluster has ${have}`)
+      }
+      if (named !== undefined && names !== undefined && names[d] !== named) {
+        throw new RangeError(`plan file ${file}: device ${d} is ${JSON.stringify(named)} in the plan but ${JSON.stringify(names[d])} in this cluster, which has ${have}`)
+      }
+    }
+  }
+}
+
+/**
+ * The cluster plan the flags ask for over `nDevices` devices (master included).
+ * @param auto the planner's choice for `--plan auto`; absent = refused.
+ * @param deviceNames the devices' real names (`emulate`: the cluster file's), checked against a plan file's.
+ * @throws UsageError for both flags, an unreadable or non-JSON plan file, or `auto` without a planner; RangeError from
+ *   the builders or the plan check, naming the numbers (and the plan file).
+ */
+export function resolvePlan(
+  flags: PlanFlags,
+  model: ModelDescription,
+  nDevices: number,
+  auto?: () => ClusterPlan,
+  deviceNames?: readonly string[],
+): ClusterPlan {
   if (flags.plan !== undefined && flags.planFile !== undefined) throw new UsageError('give --plan or --plan-file, not both')
   const options: StagePlanOptions = { ...planConstraints(model), quantizedMatmul: flags.quantizedMatmul ?? 'exact' }
   if (flags.planFile !== undefined) {
@@ -51,8 +93,10 @@ export function resolvePlan(flags: PlanFlags, model: ModelDescription, nDevices:
     }
     // `edgeshard plan --json` prints the planner's choice ({ chosen: { plan } }) with its alternatives: take the plan.
     const chosen = (value as { chosen?: { plan?: unknown } } | null)?.chosen
+    const plan = chosen?.plan ?? value
+    checkPlanDevices(flags.planFile, value, plan, nDevices, deviceNames)
     try {
-      return checkClusterPlan(chosen?.plan ?? value, model.config, nDevices)
+      return checkClusterPlan(plan, model.config, nDevices)
     } catch (err) {
       throw new RangeError(`plan file ${flags.planFile}: ${(err as Error).message}`)
     }
@@ -83,7 +127,7 @@ export function describePlan(plan: ClusterPlan): string {
   if (plan.stages.length === 1 && only.devices.every((d, i) => d === i)) return `tensor parallel: ${shares(only)}${excluded}`
   const stages = plan.stages.map((s) => {
     const where = s.devices.length === 1 ? `device ${s.devices[0]}` : `devices ${s.devices.join('+')} (${shares(s)})`
-    return `layers ${s.layers.start}..${s.layers.start + s.layers.count} on ${where}`
+    return `${formatLayers(s.layers.start, s.layers.count)} on ${where}`
   })
   return `${plan.kind}: ${stages.join('; ')}${excluded}`
 }

@@ -7,8 +7,10 @@ import { basename } from 'node:path'
 import { type Command, Option } from 'commander'
 import { type ClusterSpec, clusterLink, readClusterFile } from '../../devices/index.ts'
 import {
+  type ClusterPlan,
   type ClusterPlanChoice,
   type ClusterPlanInput,
+  formatLayers,
   loadModel,
   type ModelDescription,
   modelCostShape,
@@ -51,6 +53,15 @@ export function clusterPlanInput(
       ...(options.quantizedMatmul === undefined ? {} : { quantizedMatmul: options.quantizedMatmul }),
     },
   }
+}
+
+/**
+ * The planner's choice for the devices and links of `spec` (their profiles' decode rates and memory budgets), as
+ * `edgeshard plan` makes it.
+ * @throws InsufficientMemoryError (from the planner) when no plan fits the budgets
+ */
+export function plannedFor(spec: ClusterSpec, model: ModelDescription, quantizedMatmul: 'exact' | 'int8' = 'exact'): ClusterPlan {
+  return planClusterChoice(clusterPlanInput(model, spec, { quantizedMatmul })).chosen
 }
 
 async function plan(flags: PlanFlags): Promise<void> {
@@ -117,7 +128,7 @@ export function formatPlan(model: ModelDescription, cluster: ClusterSpec, input:
   out.push(`chosen: ${chosen.plan.kind}, ${chosen.plan.predictedMsPerToken.toFixed(2)} ms/token predicted (${chosen.label})`)
   for (const [i, stage] of chosen.plan.stages.entries()) {
     out.push(
-      `  stage ${i + 1}: layers ${range(stage.layers.start, stage.layers.count)} (${stage.layers.count}), ` +
+      `  stage ${i + 1}: ${formatLayers(stage.layers.start, stage.layers.count)} (${stage.layers.count}), ` +
         `${stage.devices.length === 1 ? 'one device' : `hub ${name(stage.devices[0]!)}`}`,
     )
     const width = Math.max(...stage.devices.map((d) => name(d).length))
@@ -137,7 +148,7 @@ export function formatPlan(model: ModelDescription, cluster: ClusterSpec, input:
     out.push(
       `  ${a === chosen ? '*' : ' '} ${a.plan.predictedMsPerToken.toFixed(2).padStart(9)}  ${a.label}  ` +
         `(${k.computeMs.toFixed(2)} + ${k.allreduceMs.toFixed(2)} + ${k.handoffMs.toFixed(2)} + ${k.headMs.toFixed(2)}; ` +
-        `${a.plan.stages.map((s) => `${range(s.layers.start, s.layers.count)}: ${s.devices.map(name).join('+')}`).join(' | ')})`,
+        `${a.plan.stages.map((s) => `${formatLayers(s.layers.start, s.layers.count)}: ${s.devices.map(name).join('+')}`).join(' | ')})`,
     )
   }
   if (chosen.plan.excluded.length > 0) {

@@ -95,14 +95,35 @@ export async function publishDeviceProfile(options: { readonly measure: boolean;
     return // another agent just took the lock (or the cache folder cannot be created)
   }
   try {
-    const { profile: measured } = await loadOrMeasureProfile({ cachePath })
-    publishMeasuredCapabilities(measured.capabilities)
+    await measureAndPublish({ cachePath })
   } finally {
     closeSync(fd)
     try {
       unlinkSync(lock)
     } catch {}
   }
+}
+
+/** The measurement in progress in this process (the start's and a survey's share it). */
+let measuring: Promise<{ cached: boolean }> | null = null
+
+/**
+ * For an agent asked by a master's survey (agent/link-survey.ts), and at its start: loads this device's cached
+ * measurement for its present CPU quota (the cache key includes it, so an emulated device placed in its cgroup after
+ * starting gets its own) or measures it now, and publishes it in the info protocol. Calls made while a measurement
+ * runs wait for it.
+ * @throws what the measurement throws
+ */
+export function measureAndPublish(options: { readonly cachePath?: string } = {}): Promise<{ cached: boolean }> {
+  measuring ??= loadOrMeasureProfile({ cachePath: options.cachePath ?? defaultProfileCachePath() })
+    .then(({ profile, cached }) => {
+      publishMeasuredCapabilities(profile.capabilities)
+      return { cached }
+    })
+    .finally(() => {
+      measuring = null
+    })
+  return measuring
 }
 
 /** Registers `edgeshard profile` on `program`. */

@@ -1,5 +1,5 @@
 /**
- * Identity and membership flags shared by `agent`, `run`, `serve`, `peers` and `split` (issue 8), and the
+ * Identity and membership flags shared by `agent`, `run`, `serve`, `peers` and `split`, and the
  * `edgeshard identity` command that prints this device's peer id for other devices' trust files.
  */
 import { mkdtempSync, rmSync } from 'node:fs'

@@ -7,7 +7,7 @@ import { cpus } from 'node:os'
 import { fileURLToPath } from 'node:url'
 import { type Command, Option } from 'commander'
 import { type ClusterPlan, loadModel, type ModelDescription } from '../../splitter/index.ts'
-import type { LinkEmulation } from '../../transport/index.ts'
+import { type LinkEmulation, type TransportNodeOptions, WIRE_DTYPES, type WireDtype } from '../../transport/index.ts'
 import { Cluster, type RecoveryReport } from '../cluster.ts'
 import { type DiscoverOptions, discoverAgents } from '../discovery.ts'
 import { DiscoveryError, UsageError } from '../errors.ts'
@@ -17,6 +17,11 @@ import type { AgentProbe } from '../peer-info.ts'
 import { loadTokenizer, type MasterTokenizer } from '../tokenizer/load-tokenizer.ts'
 import { byteSize, collect, wholeNumber } from './arguments.ts'
 import { createClusterProgress } from './cluster-progress.ts'
+import type { ClusterSurvey } from '../link-survey.ts'
+import { checkPlanFits } from '../plan-fit.ts'
+import { surveyedClusterSpec } from '../surveyed-cluster.ts'
+import { surveyForPlanning } from './cluster-survey.ts'
+import { plannedFor } from './plan.ts'
 import { describePlan, PLAN_HELP, resolvePlan } from './plan-option.ts'
 import { addSecurityOptions, loadSecurity, localWorkerIdentities, type SecurityFlags } from './security.ts'
 
@@ -41,8 +46,12 @@ export interface ClusterFlags extends SecurityFlags {
   layersPerGraph?: number
   context?: number
   memoryBudget?: number
+  /** `--shard-dir DIR`: where the master's shard files go with --memory-budget (kept). */
+  shardDir?: string
   /** `--quantized-matmul exact|int8`. */
   quantizedMatmul?: 'exact' | 'int8'
+  /** `--wire-dtype f32|f16`: element type of allreduce tensors on the wire (see ClusterOptions.wireDtype). */
+  wireDtype?: WireDtype
   /** `--pin-cores`: local peers each on their own core (master on core 0, worker i on core i mod cores). */
   pinCores?: boolean
   quiet?: boolean
@@ -58,6 +67,8 @@ export interface ClusterFlags extends SecurityFlags {
   recover?: boolean
   /** `--recovery adopt|even`: how a lost worker is replaced (see ClusterOptions.recovery). */
   recovery?: 'adopt' | 'even'
+  /** `--probe-links`: measure every link before planning (see cluster-survey.ts); `--plan auto` plans with them. */
+  probeLinks?: boolean
 }
 
 /** What `edgeshard emulate` changes in a cluster's start (see emulate.ts); `run` and `serve` use the defaults. */
@@ -69,10 +80,18 @@ export interface ClusterSetup {
   readonly spawnWorkers?: (count: number, agentArgs: (index: number) => readonly string[]) => Promise<LocalWorkers>
   /** Emulated links between devices (0 = master, i = worker i). */
   readonly links?: (from: number, to: number) => LinkEmulation | undefined
-  /** The plan `--plan auto` picks for the model over that many devices. */
-  readonly autoPlan?: (model: ModelDescription, nDevices: number) => ClusterPlan
-  /** Runs once the cluster is up, before anything is generated (e.g. measuring the emulated links). */
-  readonly onStarted?: (cluster: Cluster) => Promise<void>
+  /**
+   * The plan `--plan auto` picks for the model over that many devices, given what the survey measured (links with
+   * `--probe-links`, profiles with `measuredProfiles`). Absent (`run`, `serve`): `--plan auto` plans from a survey of
+   * every link and every device's published measurement.
+   */
+  readonly autoPlan?: (model: ModelDescription, nDevices: number, survey?: ClusterSurvey) => ClusterPlan
+  /** `--plan auto` wants every device's published measurement (`emulate --profiles measured`). */
+  readonly measuredProfiles?: boolean
+  /** Device names (0 = master), checked against a plan file's; default `master`, `worker-1`, … (not checked). */
+  readonly deviceNames?: readonly string[]
+  /** Each device's memory budget (`emulate`: the cluster file's), checked against the plan before anything starts. */
+  readonly deviceBudgets?: readonly number[]
 }
 
 /** Adds the cluster flags (model, peers/workers/discovery, threads, context, memory, quiet) to `command`. */
@@ -101,16 +120,23 @@ export function addClusterOptions(command: Command): Command {
     .addOption(
       new Option('--memory-budget <bytes>', 'weights + KV cache per peer (e.g. 512MB, 2GiB); larger shards stream from disk').argParser(byteSize),
     )
+    .option('--shard-dir <dir>', "where the master's shard files go with --memory-budget, kept after the run (default: a temporary folder removed at exit)")
     .addOption(
       new Option('--quantized-matmul <mode>', 'activations of Q4_0/Q8_0 matmuls: int8 blocks as llama.cpp (faster), or exact f32')
         .choices(['exact', 'int8'])
         .default('int8'),
+    )
+    .addOption(
+      new Option('--wire-dtype <dtype>', 'allreduce partials and sums on the wire: f32 (exact) or f16 (half the bytes, rounded; see the README)')
+        .choices(WIRE_DTYPES)
+        .default('f32'),
     )
     .option('--pin-cores', 'pin each local peer to its own core (Linux taskset; master on core 0)')
     .option('--quiet', 'no status lines or progress bars on stderr')
     .option('--trace <file>', 'write Chrome trace events of every peer (compute, allreduce, I/O, network, tokens) to this JSON file on exit')
     .option('--plan <plan>', PLAN_HELP)
     .option('--plan-file <file>', 'execute this cluster plan (JSON, e.g. from `edgeshard plan --json`)')
+    .option('--probe-links', 'measure every link (master ↔ worker and worker ↔ worker: rtt, throughput) over libp2p before planning; --plan auto plans with the measurements')
     .addOption(
       new Option('--peer-deadline <ms>', 'a worker silent this long (plus an allowance for long prompts) is treated as lost')
         .argParser(wholeNumber(1))
@@ -126,20 +152,22 @@ export function addClusterOptions(command: Command): Command {
 
 /**
  * The one line the CLI prints after a recovery, e.g. `worker 2 (peer 12D3…) lost (stalled 1012 ms): re-planned over
- * 2 peers, KV rebuilt for 37 positions in 81 ms (recovery 450 ms: detect 5, abort 3, re-plan 1, re-shard 280, rebuild 81)`
- * or, when the master took the shard over, `…: the master took over shard 2 (3 peers left), KV rebuilt …`.
+ * 2 peers by the planner (pipeline, one device per stage, …, 1.21 ms/token predicted), KV rebuilt for 37 positions in
+ * 81 ms (recovery 450 ms: detect 5, abort 3, re-plan 1, re-shard 280, rebuild 81)`, `…: re-planned over 2 peers with an
+ * even split (worker 1 published no measured profile), …`, or, when the master took the shard over, `…: the master
+ * took over its shard (3 peers left; it runs shards 0, 2), KV rebuilt …`.
  */
 export function describeRecovery(r: RecoveryReport): string {
   const ms = (v: number): string => v.toFixed(0)
   const lost = r.lost
-    .map((w) => `worker ${w.device} (peer ${w.peer}) lost (${w.kind === 'stalled' ? `stalled ${ms(w.silentMs)} ms` : 'went away'})`)
+    .map((w) => `worker ${w.device} (peer ${w.peer}) lost (${w.kind === 'stalled' ? `stalled ${ms(w.silentMs)} ms` : w.report !== undefined ? `failed: ${w.report}` : 'went away'})`)
     .join(', ')
   const adopted = r.lost.length === 1 ? 'its shard' : 'their shards'
   const where =
     r.strategy === 'adopt'
       ? `the master took over ${adopted} (${r.peers > 1 ? `${r.peers} peers left` : 'it continues alone'}; it runs shards ${r.masterShards.join(', ')})`
       : r.peers > 1
-        ? `re-planned over ${r.peers} peers`
+        ? `re-planned over ${r.peers} peers ${r.replan?.by === 'planner' ? `by the planner (${r.replan.why})` : `with an even split${r.replan ? ` (${r.replan.why})` : ''}`}`
         : 'the master continues alone'
   return (
     `${lost}: ${where}, KV rebuilt for ${r.positions} positions in ${ms(r.rebuildMs)} ms ` +
@@ -154,6 +182,10 @@ export interface StartedCluster {
   readonly cluster: Cluster
   /** Peers, the master included. */
   readonly peers: number
+  /** Addresses of the running agents it was started with (`--workers`, or found by discovery); none for local workers. */
+  readonly workerAddresses: readonly string[]
+  /** The master's libp2p identity and membership (to reach more agents as a member). */
+  readonly transport: Pick<TransportNodeOptions, 'privateKey' | 'membership'>
   /** Status lines (stderr, unless --quiet). */
   readonly status: (line: string) => void
   /** Stops the cluster and any local workers. */
@@ -183,7 +215,7 @@ export async function startCluster(flags: ClusterFlags, setup: ClusterSetup = {}
   const status = (line: string): void => {
     if (!flags.quiet) process.stderr.write(`edgeshard: ${line}\n`)
   }
-  // The master's identity and the workers it admits (issue 8); local workers get a fresh key each and are admitted.
+  // The master's identity and the workers it admits; local workers get a fresh key each and are admitted.
   // (a refused worker fails the start with a MembershipError naming it: no separate line for the refusal)
   const security = await loadSecurity(flags, 'master')
   if (security.identity.created) status(`created identity key ${security.identity.path}`)
@@ -195,8 +227,31 @@ export async function startCluster(flags: ClusterFlags, setup: ClusterSetup = {}
     workerAddrs = agents.map((a) => a.address)
   }
   const nPeers = workerAddrs ? workerAddrs.length + 1 : (flags.peers ?? 3)
-  // Build and check the plan before any process starts or socket opens (throws RangeError naming the numbers).
-  const plan = resolvePlan(flags, model, nPeers, setup.autoPlan && (() => setup.autoPlan!(model, nPeers)))
+  const names = Array.from({ length: nPeers }, (_, d) => setup.deviceNames?.[d] ?? (d === 0 ? 'master' : `worker-${d}`))
+  // Every budget known here: emulate's devices, or --memory-budget on the master and the local workers.
+  const budgets = names.map((name, d) => ({
+    name,
+    budgetBytes: setup.deviceBudgets ? setup.deviceBudgets[d] : d === 0 || workerAddrs === undefined ? flags.memoryBudget : undefined,
+  }))
+  // What the survey before planning measures: links with --probe-links; for --plan auto without profiles of its own
+  // (run, serve) or with measured ones (emulate --profiles measured), every device's published measurement and links.
+  const auto = flags.plan === 'auto' && flags.planFile === undefined
+  const surveyProfiles = auto && (!setup.autoPlan || setup.measuredProfiles === true)
+  const surveyLinks = flags.probeLinks === true || (auto && !setup.autoPlan)
+  const autoPlan = (survey?: ClusterSurvey): ClusterPlan => {
+    if (setup.autoPlan) return setup.autoPlan(model, nPeers, survey)
+    const spec = surveyedClusterSpec('the measured cluster', names, budgets.map((b) => b.budgetBytes), survey!)
+    return plannedFor(spec, model, flags.quantizedMatmul)
+  }
+  // Build and check the plan before any process starts or socket opens (throws RangeError naming the numbers), unless
+  // it is planned from what the survey measures.
+  const deferred = auto && (surveyProfiles || surveyLinks)
+  const resolve = (survey?: ClusterSurvey): ClusterPlan => {
+    const plan = resolvePlan(flags, model, nPeers, () => autoPlan(survey), setup.deviceNames)
+    checkPlanFits(model, plan, budgets, flags.planFile === undefined ? '' : `plan file ${flags.planFile}: `)
+    return plan
+  }
+  let plan = deferred ? null : resolve()
 
   const threads = flags.threads ?? Math.max(1, Math.floor(cpus().length / (workerAddrs ? 1 : nPeers)))
   const budget = flags.memoryBudget === undefined ? {} : { memoryBudgetBytes: flags.memoryBudget }
@@ -217,16 +272,30 @@ export async function startCluster(flags: ClusterFlags, setup: ClusterSetup = {}
     }
     // A lone master keeps every core for its onnxruntime threads; with local workers each peer gets its own core.
     if (flags.pinCores && local) pinToCore(process.pid, 0)
+    if (surveyProfiles || surveyLinks) {
+      const survey = await surveyForPlanning(
+        addresses,
+        { links: surveyLinks, profiles: surveyProfiles, names, transport, ...(setup.links ? { emulated: setup.links } : {}) },
+        (line) => progress.line(line),
+        (line) => process.stderr.write(`edgeshard: ${line}\n`),
+      )
+      if (deferred) {
+        plan = resolve(survey)
+        status(`planned from the measured ${[surveyProfiles ? 'profiles' : '', surveyLinks ? 'links' : ''].filter(Boolean).join(' and ')}`)
+      }
+    }
     const loadStart = performance.now()
     const cluster = await Cluster.start(model, {
       workers: addresses,
       threads,
       ...(flags.layersPerGraph !== undefined ? { layersPerGraph: flags.layersPerGraph } : {}),
       ...(flags.quantizedMatmul ? { quantizedMatmul: flags.quantizedMatmul } : {}),
+      ...(flags.wireDtype ? { wireDtype: flags.wireDtype } : {}),
       ...budget,
+      ...(flags.shardDir === undefined ? {} : { shardDir: flags.shardDir }),
       ...(flags.trace ? { trace: true } : {}),
       transport,
-      plan,
+      plan: plan!,
       ...(setup.links ? { links: setup.links } : {}),
       onLayerDistributed: (layer, layers) => progress.layerDistributed(layer, layers),
       ...(flags.peerDeadline !== undefined ? { peerDeadlineMs: flags.peerDeadline } : {}),
@@ -246,18 +315,17 @@ export async function startCluster(flags: ClusterFlags, setup: ClusterSetup = {}
     })
     progress.done()
     status(
-      `${model.path} on ${nPeers} peer${nPeers > 1 ? 's' : ''} (${describePlan(cluster.clusterPlan)}), loaded in ${(performance.now() - loadStart).toFixed(0)} ms`,
+      `${model.path} on ${nPeers} peer${nPeers > 1 ? 's' : ''} (${describePlan(cluster.clusterPlan)}; ${cluster.wireDtype} on the wire), ` +
+        `loaded in ${(performance.now() - loadStart).toFixed(0)} ms`,
     )
-    await setup.onStarted?.(cluster).catch(async (err: unknown) => {
-      await cluster.stop().catch(() => {})
-      throw err
-    })
     const workers = local
     return {
       model,
       tokenizer,
       cluster,
       peers: nPeers,
+      workerAddresses: workerAddrs ?? [],
+      transport,
       status,
       async stop() {
         if (flags.trace) {

@@ -27,6 +27,8 @@ export interface EngineResult {
   /** Tokens whose text was produced (a final BOS/EOS not counted). */
   readonly completionTokens: number
   readonly stopReason: StopReason
+  /** Peers in the cluster when the generation ended, the master included (absent: not a cluster). */
+  readonly peers?: number
 }
 
 /** A model the server can run: the cluster behind it, or a stand-in in tests. */
@@ -54,11 +56,17 @@ export class ClusterEngine implements CompletionEngine {
   readonly modelId: string
   readonly #cluster: Cluster
   readonly #tokenizer: MasterTokenizer
+  readonly #beforeGenerate: ((signal: AbortSignal) => Promise<void>) | undefined
 
-  constructor(cluster: Cluster, tokenizer: MasterTokenizer, options: { modelId?: string } = {}) {
+  /**
+   * @param options.beforeGenerate - runs before each generation, once the previous one is over (e.g. admitting
+   *   workers that came back, see rejoin.ts); what it throws fails the request
+   */
+  constructor(cluster: Cluster, tokenizer: MasterTokenizer, options: { modelId?: string; beforeGenerate?: (signal: AbortSignal) => Promise<void> } = {}) {
     this.#cluster = cluster
     this.#tokenizer = tokenizer
     this.modelId = options.modelId ?? modelIdOf(cluster.model.path)
+    this.#beforeGenerate = options.beforeGenerate
   }
 
   get contextLength(): number {
@@ -89,6 +97,7 @@ export class ClusterEngine implements CompletionEngine {
   }
 
   async generate(promptTokens: readonly number[], options: EngineGenerateOptions): Promise<EngineResult> {
+    await this.#beforeGenerate?.(options.signal)
     const tok = this.#tokenizer
     const codec = {
       bosId: tok.bosId,
@@ -107,7 +116,7 @@ export class ClusterEngine implements CompletionEngine {
       shouldStop: options.shouldStop,
       signal: options.signal,
     })
-    return { completionTokens: result.generated - (result.stopReason === 'eos' ? 1 : 0), stopReason: result.stopReason }
+    return { completionTokens: result.generated - (result.stopReason === 'eos' ? 1 : 0), stopReason: result.stopReason, peers: this.#cluster.size }
   }
 }
 

@@ -46,6 +46,8 @@ export interface RequestSummary {
   readonly completionTokens?: number
   /** How the request ended: finish reason, `cancelled` (client left), or the error code. */
   readonly outcome: string
+  /** Peers that finished the generation, the master included (when the engine says). */
+  readonly peers?: number
   readonly durationMs: number
 }
 
@@ -127,7 +129,7 @@ export class OpenAiServer {
     const startMs = performance.now()
     const path = (req.url ?? '/').split('?')[0]!
     const method = req.method ?? 'GET'
-    const done = (status: number, outcome: string, usage: { promptTokens?: number; completionTokens?: number } = {}): void => {
+    const done = (status: number, outcome: string, usage: { promptTokens?: number; completionTokens?: number; peers?: number } = {}): void => {
       this.#options.onRequestDone?.({ method, path, status, outcome, durationMs: performance.now() - startMs, ...usage })
     }
     try {
@@ -187,7 +189,7 @@ export class OpenAiServer {
     request: GenerationRequest,
     req: IncomingMessage,
     res: ServerResponse,
-    done: (status: number, outcome: string, usage?: { promptTokens?: number; completionTokens?: number }) => void,
+    done: (status: number, outcome: string, usage?: { promptTokens?: number; completionTokens?: number; peers?: number }) => void,
   ): Promise<void> {
     const controller = new AbortController()
     const onClose = (): void => {
@@ -284,7 +286,7 @@ export class OpenAiServer {
           usage,
         })
       }
-      done(200, finishReason, { promptTokens, completionTokens: result.completionTokens })
+      done(200, finishReason, { promptTokens, completionTokens: result.completionTokens, ...(result.peers === undefined ? {} : { peers: result.peers }) })
     } catch (err) {
       if (controller.signal.aborted) {
         log('request %s cancelled: %s', id, (controller.signal.reason as Error)?.message)

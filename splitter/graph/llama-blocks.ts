@@ -57,6 +57,8 @@ export interface AttentionShardShape {
   readonly bits: { readonly wq: WeightBits; readonly wk: WeightBits; readonly wv: WeightBits; readonly wo: WeightBits }
   /** How quantized matmuls treat activations (see {@link QuantizedMatmul}); default 'exact'. */
   readonly quantizedMatmul?: QuantizedMatmul
+  /** Layout and kernel of quantized weights fed as graph inputs (see {@link QuantizedInputs}); default 'nbits'. */
+  readonly quantizedInputs?: QuantizedInputs
   /** Q/K/V biases as inputs `bq` [heads*headDim], `bk` / `bv` [kvHeads*headDim] f32 (Qwen2). */
   readonly qkvBias: boolean
   /** Attention kernel; default {@link attentionKernel}(headDim). 'gqa' needs a head size that is a multiple of 8. */
@@ -159,11 +161,11 @@ function projectQkv(g: GraphBuilder, shape: AttentionShardShape, constants: Grap
   const bias = (i: number): string => param(g, constants, ['bq', 'bk', 'bv'][i]!, 'float32', [widths[i]!])
   if (constants?.wq && constants.wk && constants.wv && bits.wq === bits.wk && bits.wq === bits.wv) {
     const qkvRows = (heads + 2 * kvHeads) * headDim
-    const qkv = linear(g, concatRows(constants, 'wqkv', names, bits.wq), xn, 'wqkv', qkvRows, dim, bits.wq, shape.quantizedMatmul)
+    const qkv = linear(g, concatRows(constants, 'wqkv', names, bits.wq), xn, 'wqkv', qkvRows, dim, bits.wq, shape)
     return [shape.qkvBias ? g.op('Add', [qkv, g.op('Concat', [bias(0), bias(1), bias(2)], { axis: 0 })]) : qkv]
   }
   return names.map((name, i) => {
-    const y = linear(g, constants, xn, name, widths[i]!, dim, bits[name], shape.quantizedMatmul)
+    const y = linear(g, constants, xn, name, widths[i]!, dim, bits[name], shape)
     return shape.qkvBias ? g.op('Add', [y, bias(i)]) : y
   })
 }
@@ -225,7 +227,7 @@ function attentionGqa(
   const ctxRows = g.op('Reshape', [ctx, g.i64('shape', [-1, heads * headDim])]) // [seq, heads*headDim]
   const rows = (present: string): string => g.op('Slice', [present, positions.first, positions.end, g.i64('axes', [2])])
   return {
-    partial: linear(g, constants, ctxRows, 'wo', shape.dim, heads * headDim, shape.bits.wo, shape.quantizedMatmul),
+    partial: linear(g, constants, ctxRows, 'wo', shape.dim, heads * headDim, shape.bits.wo, shape),
     newK: rows(presentK),
     newV: rows(presentV),
   }
@@ -265,7 +267,7 @@ function attentionOps(g: GraphBuilder, shape: AttentionShardShape, constants: Gr
     g.op('Transpose', [ctxHeads], { perm: [1, 0, 2] }),
     g.i64('shape', [0, heads * headDim]),
   ]) // [seq, heads*headDim]
-  const partial = linear(g, constants, ctxRows, 'wo', dim, heads * headDim, shape.bits.wo, shape.quantizedMatmul) // [seq, dim]
+  const partial = linear(g, constants, ctxRows, 'wo', dim, heads * headDim, shape.bits.wo, shape) // [seq, dim]
   return { partial, presentK, presentV }
 }
 
@@ -342,6 +344,7 @@ export interface FfnShardShape {
   readonly normEps: number
   readonly bits: { readonly w1: WeightBits; readonly w3: WeightBits; readonly w2: WeightBits }
   readonly quantizedMatmul?: QuantizedMatmul
+  readonly quantizedInputs?: QuantizedInputs
 }
 
 /**
@@ -370,14 +373,14 @@ function swiGlu(g: GraphBuilder, shape: FfnShardShape, constants: GraphConstants
   let gate: string
   let up: string
   if (constants?.w1 && constants.w3 && bits.w1 === bits.w3) {
-    const w13 = linear(g, concatRows(constants, 'w13', ['w1', 'w3'], bits.w1), hn, 'w13', 2 * columns, dim, bits.w1, shape.quantizedMatmul)
+    const w13 = linear(g, concatRows(constants, 'w13', ['w1', 'w3'], bits.w1), hn, 'w13', 2 * columns, dim, bits.w1, shape)
     ;[gate, up] = g.node('Split', [w13, g.i64('split', [columns, columns])], { attrs: { axis: -1 }, nOutputs: 2 }) as [string, string]
   } else {
-    gate = linear(g, constants, hn, 'w1', columns, dim, bits.w1, shape.quantizedMatmul)
-    up = linear(g, constants, hn, 'w3', columns, dim, bits.w3, shape.quantizedMatmul)
+    gate = linear(g, constants, hn, 'w1', columns, dim, bits.w1, shape)
+    up = linear(g, constants, hn, 'w3', columns, dim, bits.w3, shape)
   }
   const act = g.op('Mul', [g.op('Mul', [gate, g.op('Sigmoid', [gate])]), up])
-  return linear(g, constants, act, 'w2', dim, columns, bits.w2, shape.quantizedMatmul)
+  return linear(g, constants, act, 'w2', dim, columns, bits.w2, shape)
 }
 
 /** Shape of the master's output head. */
@@ -400,7 +403,7 @@ export function buildOutputHead(shape: OutputHeadShape, constants?: GraphConstan
   const x = g.input('x', 'float32', ['seq', dim])
   const normW = param(g, constants, 'output_norm', 'float32', [dim])
   g.output(
-    linear(g, constants, rmsNorm(g, x, normW, normEps), 'wcls', vocabSize, dim, bits, shape.quantizedMatmul),
+    linear(g, constants, rmsNorm(g, x, normW, normEps), 'wcls', vocabSize, dim, bits, shape),
     'logits',
     'float32',
     ['seq', vocabSize],
@@ -419,9 +422,23 @@ export type QuantizedMatmul = 'exact' | 'int8'
 export type WeightBits = 32 | 8 | 4
 
 /**
- * Declares linear weight `name` [out, in] as graph input(s) and applies it to `x` [seq, in] → [seq, out].
- * Dense: input `name` f32 [out, in], `Gemm(transB=1)`. Quantized: inputs `name` uint8 [out, in/32, 32·bits/8] and
- * `name_scales` f32 [out·in/32], `com.microsoft.MatMulNBits` with accuracy_level 0 or 4 (see {@link QuantizedMatmul}).
+ * Quantized weights fed as graph inputs (a streamed sliding window; baked weights always use MatMulNBits):
+ * - 'nbits': MatMulNBits blobs as for initializers. Exact, but ORT 1.30 runs MatMulNBits ~600× slower when B is not
+ *   a constant: for tests and small models only.
+ * - 'blockwise-int8': the blockwise layout (splitter/quant/blockwise.ts) through `MatMulInteger` batched over the
+ *   K/32 blocks, activations quantized to int8 per row and block of 32 (symmetric, scale max|x|/127) as MatMulNBits'
+ *   accuracy_level 4 does. For decode: its [in/32, seq, out] int32 intermediate grows with seq.
+ * - 'blockwise-f32': the blockwise layout expanded to f32 [in, out] in the graph, then MatMul: exact activations, a
+ *   transient f32 copy of the weight (4 bytes per weight). For prefill, where it is amortised over the rows.
+ */
+export type QuantizedInputs = 'nbits' | 'blockwise-int8' | 'blockwise-f32'
+
+/**
+ * Declares linear weight `name` [out, in] as graph input(s) or initializers and applies it to `x` [seq, in] →
+ * [seq, out]. Dense: `name` f32 [out, in], `Gemm(transB=1)`. Quantized, baked or `quantizedInputs` 'nbits': `name`
+ * uint8 [out, in/32, 32·bits/8] and `name_scales` f32 [out·in/32], `com.microsoft.MatMulNBits` with accuracy_level 0
+ * or 4 (see {@link QuantizedMatmul}). Quantized blockwise inputs: `name` uint8 [in/32, 32, out] and `name_scales` f32
+ * [in/32, 1, out] (see {@link QuantizedInputs}).
  */
 function linear(
   g: GraphBuilder,
@@ -431,16 +448,36 @@ function linear(
   out: number,
   inFeatures: number,
   bits: WeightBits,
-  accuracy: QuantizedMatmul = 'exact',
+  options: { readonly quantizedMatmul?: QuantizedMatmul; readonly quantizedInputs?: QuantizedInputs },
 ): string {
   if (bits === 32) return g.op('Gemm', [x, param(g, constants, name, 'float32', [out, inFeatures])], { transB: 1 })
   if (inFeatures % 32 !== 0) throw new RangeError(`cannot apply ${bits}-bit weight ${name}: ${inFeatures} inputs is not a multiple of 32`)
-  const blob = param(g, constants, name, 'uint8', [out, inFeatures / 32, (32 * bits) / 8])
-  const scales = param(g, constants, `${name}_scales`, 'float32', [(out * inFeatures) / 32])
-  return g.node('MatMulNBits', [x, blob, scales], {
-    attrs: { K: inFeatures, N: out, bits, block_size: 32, accuracy_level: accuracy === 'int8' ? 4 : 0 },
-    domain: 'com.microsoft',
-  })[0]!
+  const inputs = options.quantizedInputs ?? 'nbits'
+  if (constants?.[name] || inputs === 'nbits') {
+    const blob = param(g, constants, name, 'uint8', [out, inFeatures / 32, (32 * bits) / 8])
+    const scales = param(g, constants, `${name}_scales`, 'float32', [(out * inFeatures) / 32])
+    return g.node('MatMulNBits', [x, blob, scales], {
+      attrs: { K: inFeatures, N: out, bits, block_size: 32, accuracy_level: options.quantizedMatmul === 'int8' ? 4 : 0 },
+      domain: 'com.microsoft',
+    })[0]!
+  }
+  const blocks = inFeatures / 32
+  const values = g.input(name, 'uint8', [blocks, 32, out])
+  const scales = g.input(`${name}_scales`, 'float32', [blocks, 1, out])
+  const zeroPoint = bits === 4 ? 8 : 128
+  if (inputs === 'blockwise-f32') {
+    // (values − zp) · scale, [blocks, 32, out] f32 → [in, out], then x @ W.
+    const w = g.op('Mul', [g.op('Sub', [g.op('Cast', [values], { to: 1 }), g.f32('zero_point', [zeroPoint])]), scales])
+    return g.op('MatMul', [x, g.op('Reshape', [w, g.i64('shape', [inFeatures, out])])])
+  }
+  // x [seq, in] → [blocks, seq, 32]; per (block, row) symmetric int8 with scale max|x|/127, stored as uint8 q + 128.
+  const xb = g.op('Transpose', [g.op('Reshape', [x, g.i64('shape', [0, blocks, 32])])], { perm: [1, 0, 2] })
+  const amax = g.op('ReduceMax', [g.op('Abs', [xb])], { axes: [-1], keepdims: 1 }) // [blocks, seq, 1]
+  const xScale = g.op('Div', [g.op('Max', [amax, g.f32('tiny', [1e-30])]), g.f32('int8_max', [127])])
+  const xq = g.op('Cast', [g.op('Add', [g.op('Round', [g.op('Div', [xb, xScale])]), g.f32('offset', [128])])], { to: 2 }) // uint8
+  const acc = g.op('MatMulInteger', [xq, values, g.u8('x_zero_point', 128), g.u8('w_zero_point', zeroPoint)]) // [blocks, seq, out] i32
+  const terms = g.op('Mul', [g.op('Mul', [g.op('Cast', [acc], { to: 1 }), xScale]), scales])
+  return g.op('ReduceSum', [terms, g.i64('axes', [0])], { keepdims: 0 }) // [seq, out]
 }
 
 /**

@@ -126,6 +126,11 @@ export class GraphBuilder {
     return this.constant(hint, { type: 'float32', dims, bytes: new Uint8Array(data.buffer) })
   }
 
+  /** A uint8 scalar constant (zero points). */
+  u8(hint: string, value: number): string {
+    return this.constant(hint, { type: 'uint8', dims: [], bytes: Uint8Array.of(value) })
+  }
+
   /** An int64 1-D constant (shapes, axes, split sizes). */
   i64(hint: string, values: readonly number[]): string {
     const data = BigInt64Array.from(values.map((v) => BigInt(v)))

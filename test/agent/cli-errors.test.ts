@@ -53,6 +53,16 @@ describe('edgeshard run refuses bad models with one line and exit code 2', () =>
     expect(r.stderr).toMatch(/--peers.*expected a whole number/)
   })
 
+  it('a wire dtype other than f32 or f16, on run, serve and emulate: one line naming the value and the choices', async () => {
+    const cluster = new URL('../../devices/examples/pi-cluster.json', import.meta.url).pathname
+    for (const args of [['run', '--peers', '1'], ['serve', '--peers', '1'], ['emulate', '--cluster', cluster]]) {
+      const r = await runCli([...args, '--wire-dtype', 'bf16'])
+      expect(r.code).toBe(2)
+      expect(r.stderr.trimEnd().split('\n')).toEqual(["error: option '--wire-dtype <dtype>' argument 'bf16' is invalid. Allowed choices are f32, f16."])
+      expect(r.stdout.length).toBe(0)
+    }
+  })
+
   it('emulate with --memory-budget (budgets come from the cluster file) or an unknown plan keyword', async () => {
     const cluster = new URL('../../devices/examples/pi-cluster.json', import.meta.url).pathname
     await expectInputError(['emulate', '--cluster', cluster, '--memory-budget', '1MB'], /emulate takes memory budgets from --cluster .*drop --memory-budget/)

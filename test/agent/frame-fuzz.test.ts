@@ -1,5 +1,5 @@
 /**
- * Hostile and broken input (issue 8): thousands of random and mutated frames sent to a live `edgeshard agent` over
+ * Hostile and broken input: thousands of random and mutated frames sent to a live `edgeshard agent` over
  * real libp2p streams (tcp + noise + yamux) on several protocols. Each case is one stream: random bytes, oversized or
  * malformed length prefixes, garbage msgpack headers, unknown types, plans with one field mutated, a valid plan then
  * tensors of the wrong shape, bits, name, layer or size, truncated frames, frames cut into random chunks, and a few
@@ -114,6 +114,7 @@ const PLAN_PATHS = [
   'plan.shards', 'plan.shards.1', 'plan.shards.1.index', 'plan.shards.1.kvHeads.start', 'plan.shards.1.kvHeads.count',
   'plan.shards.1.heads.count', 'plan.shards.1.ffnColumns.start', 'plan.shards.1.ffnColumns.count', 'plan.syncPoints',
   'plan.quantizedMatmul', 'shardIndex', 'threads', 'layersPerGraph', 'trace', 'role', 'stageId', 'links',
+  'wireDtype',
 ]
 
 /** What a case sends: byte chunks on one stream of `protocol`; `load` = a full shard load first (then `after`). */

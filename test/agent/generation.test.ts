@@ -1,8 +1,8 @@
-import { mkdtempSync, readFileSync } from 'node:fs'
+import { mkdtempSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { HAVE_MODELS, MODELS_DIR, type RunningAgent, referenceCases, runCli, startAgent } from '../support/cli.ts'
+import { HAVE_MODELS, MODELS_DIR, type RunningAgent, referenceCases, runWithLogits, startAgent } from '../support/cli.ts'
 
 // Golden tests: real processes, real libp2p on 127.0.0.1, the real pretrained stories260K. Greedy tokens must equal
 // llama2.c run.c's reference exactly, and the text printed must be byte-identical to what run.c printed.
@@ -29,9 +29,7 @@ afterAll(async () => {
 
 async function generateCase(model: string, peers: number, index: number): Promise<{ summary: Summary; logits: Float32Array; stdout: Buffer }> {
   const c = cases[index]!
-  const tag = `${model}-${peers}-${index}`
-  const result = await runCli([
-    'run',
+  return runWithLogits<Summary>(dir, `${model}-${peers}-${index}`, [
     '--model', join(MODELS_DIR, model),
     '--prompt', c.prompt,
     ...(peers === 3 ? ['--workers', agents.map((a) => a.address).join(',')] : ['--peers', String(peers)]),
@@ -39,17 +37,7 @@ async function generateCase(model: string, peers: number, index: number): Promis
     '--temperature', '0',
     // stories260K.gguf declares a context of 128 (llama.cpp's converter default); the model was trained on 512.
     '--context', '512',
-    '--summary-json', join(dir, `${tag}.json`),
-    '--dump-logits', join(dir, `${tag}.f32`),
   ])
-  expect(result.stderr).not.toMatch(/Error:|at .*\.ts:\d+/)
-  expect(result.code).toBe(0)
-  const bytes = readFileSync(join(dir, `${tag}.f32`))
-  return {
-    summary: JSON.parse(readFileSync(join(dir, `${tag}.json`), 'utf8')) as Summary,
-    logits: new Float32Array(bytes.buffer, bytes.byteOffset, bytes.byteLength / 4),
-    stdout: result.stdout,
-  }
 }
 
 describe.skipIf(!HAVE_MODELS)('stories260K across peers (real processes over libp2p)', () => {

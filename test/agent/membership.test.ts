@@ -1,5 +1,5 @@
 /**
- * Membership and identity (issue 8), real processes on 127.0.0.1: persistent identity keys (mode 0600, loose ones
+ * Membership and identity, real processes on 127.0.0.1: persistent identity keys (mode 0600, loose ones
  * refused), a trust file (non-members get nothing on any edgeshard protocol, members generate the reference tokens,
  * a master refuses a non-member worker), a pre-shared key (wrong key cannot connect, right key works), and two agents
  * started from a copied key refused by the master.

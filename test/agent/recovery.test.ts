@@ -1,5 +1,5 @@
 /**
- * Failure and recovery (issue 8) with real processes on 127.0.0.1: workers killed (SIGKILL) or stalled (SIGSTOP) at
+ * Failure and recovery with real processes on 127.0.0.1: workers killed (SIGKILL) or stalled (SIGSTOP) at
  * seeded points of a greedy generation, with 3 and 4 peers; the run must still print exactly llama2.c's reference
  * tokens and text, say once per recovery what it did and how long it took, and leave no process behind. A killed
  * master leaves standalone agents alive and idle, and a new master generates the reference through them.
@@ -10,6 +10,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { afterAll, describe, expect, it } from 'vitest'
 import { childPids, HAVE_MODELS, MODELS_DIR, processAlive, type RunningAgent, referenceCases, runCli, startAgent, waitFor } from '../support/cli.ts'
+import { type MeasuredProfile, profileCacheKey, writeCachedProfile } from '../../agent/device-measure.ts'
 import { seededRandom } from '../support/random.ts'
 
 const cases = referenceCases()
@@ -18,12 +19,12 @@ const dir = mkdtempSync(join(tmpdir(), 'edgeshard-recovery-'))
 /** A small deadline keeps the stalled case fast; healthy peers answer within milliseconds here. */
 const DEADLINE = ['--peer-deadline', '1000']
 /**
- * `edgeshard: worker 2 (peer 12D3…) lost (stalled 1012 ms): re-planned over 2 peers, KV rebuilt for 37 positions in 81 ms
- * (recovery …` or `…: the master took over its shard (3 peers left; it runs shards 0, 2), KV rebuilt …`. Groups: 1 worker,
+ * `edgeshard: worker 2 (peer 12D3…) lost (stalled 1012 ms): re-planned over 2 peers by the planner (…), KV rebuilt for 37
+ * positions in 81 ms (recovery …` or `…: the master took over its shard (3 peers left; it runs shards 0, 2), KV rebuilt …`. Groups: 1 worker,
  * 2 peer, 4 silence of a stall, 6 or 7 peers left, 8 positions, 10 the recovery's total ms.
  */
 const NOTICE =
-  /^edgeshard: worker (\d) \(peer (\S+)\) lost \((went away|stalled (\d+) ms)\): (re-planned over (\d) peers|the master continues alone|the master took over its shard \((?:(\d) peers left|it continues alone); it runs shards [\d, ]+\)), KV rebuilt for (\d+) positions in (\d+) ms \(recovery (\d+) ms: detect \d+, abort \d+, re-plan \d+, re-shard \d+, rebuild \d+\)$/gm
+  /^edgeshard: worker (\d) \(peer (\S+)\) lost \((went away|stalled (\d+) ms|failed: .*?)\): (re-planned over (\d) peers (?:by the planner|with an even split)(?: \(.*?\))?|the master continues alone|the master took over its shard \((?:(\d) peers left|it continues alone); it runs shards [\d, ]+\)), KV rebuilt for (\d+) positions in (\d+) ms \(recovery (\d+) ms: detect \d+, abort \d+, re-plan \d+, re-shard \d+, rebuild \d+\)$/gm
 
 /** A fault: `signal` to local worker `worker`, once the previous faults' notices are out and `afterBytes` of text. */
 interface Fault {
@@ -39,7 +40,7 @@ interface FaultRun {
   readonly stderr: string
   readonly summary: {
     nextTokens: number[]
-    recoveries: { lost: { device: number; kind: string }[]; strategy: string; masterShards: number[]; peers: number }[]
+    recoveries: { lost: { device: number; kind: string }[]; strategy: string; replan?: { by: string; why: string }; masterShards: number[]; peers: number }[]
   }
   /** Per fault: the pid signalled, the worker's peer id, and the text bytes out when it was sent. */
   readonly faults: { pid: number; peer: string; atBytes: number }[]
@@ -47,8 +48,28 @@ interface FaultRun {
   readonly workers: number[]
 }
 
+/**
+ * A device-profile cache for this host (what `edgeshard profile` writes and agents publish), so the master and its
+ * local workers have measured profiles and a re-plan uses the planner; a path where none exists turns it off.
+ */
+const WITH_PROFILES = { EDGESHARD_PROFILE_CACHE: join(dir, 'profiles.json') }
+const WITHOUT_PROFILES = { EDGESHARD_PROFILE_CACHE: join(dir, 'no-profiles.json') }
+writeCachedProfile(WITH_PROFILES.EDGESHARD_PROFILE_CACHE, {
+  version: 2,
+  key: profileCacheKey(),
+  measuredAt: new Date(0).toISOString(),
+  capabilities: { memoryBytes: 8 * 2 ** 30, cores: 2, decodeGBs: 20, decodeNBitsGBs: 10, prefillGflops: 60, diskReadMBs: 500 },
+  details: {} as MeasuredProfile['details'], // not read by planning
+})
+
 /** Generates reference case `index` on `peers` local peers, injecting `faults` in order. */
-async function runWithFaults(index: number, peers: number, faults: readonly Fault[], extra: readonly string[] = []): Promise<FaultRun> {
+async function runWithFaults(
+  index: number,
+  peers: number,
+  faults: readonly Fault[],
+  extra: readonly string[] = [],
+  env: Readonly<Record<string, string>> = WITH_PROFILES,
+): Promise<FaultRun> {
   const c = cases[index]!
   const summaryPath = join(dir, `${index}-${peers}-${faults.map((f) => `${f.signal}${f.worker}@${f.afterBytes}`).join('-')}.json`)
   let stderr = ''
@@ -72,6 +93,7 @@ async function runWithFaults(index: number, peers: number, faults: readonly Faul
     ['run', '--model', MODEL, '--peers', String(peers), '--prompt', c.prompt, '--max-tokens', String(c.steps - c.prompt_tokens.length + 1), '--temperature', '0', '--summary-json', summaryPath, ...DEADLINE, ...extra],
     {
       timeoutMs: 60_000,
+      env,
       onSpawn: (child) => {
         master = child
         child.stderr!.on('data', (b: Buffer) => {
@@ -127,7 +149,9 @@ describe.skipIf(!HAVE_MODELS)('failure and recovery (real processes over libp2p)
     const first: Fault[] = [{ worker: 2, signal: 'SIGKILL', afterBytes: 0 }]
     const even = await runWithFaults(2, 3, first, ['--recovery', 'even'])
     await expectRecovered(even, 2, first)
-    expect(even.summary.recoveries[0]).toMatchObject({ strategy: 'even', peers: 2, masterShards: [0] })
+    // Every peer published a measured profile: the planner makes the new plan (and the notice says so).
+    expect(even.summary.recoveries[0]).toMatchObject({ strategy: 'even', replan: { by: 'planner' }, peers: 2, masterShards: [0] })
+    expect(even.stderr).toMatch(/re-planned over 2 peers by the planner \(.+ ms\/token predicted\)/)
     const second: Fault[] = [{ worker: 1, signal: 'SIGKILL', afterBytes: textPoint(0) }]
     const adopt = await runWithFaults(0, 3, second)
     await expectRecovered(adopt, 0, second)
@@ -143,11 +167,14 @@ describe.skipIf(!HAVE_MODELS)('failure and recovery (real processes over libp2p)
     const run = await runWithFaults(3, 4, twice)
     await expectRecovered(run, 3, twice)
     expect(run.summary.recoveries.at(-1)).toMatchObject({ peers: 2, masterShards: [0, 1, 3] })
-    // Worker 2 leads the stage of layers 2..4 (with worker 3): the plan falls back to even tensor parallelism.
+    // Worker 2 leads the stage of layers 2–4 (with worker 3): the plan falls back to even tensor parallelism.
     const early: Fault[] = [{ worker: 2, signal: 'SIGKILL', afterBytes: 0 }]
-    const hybrid = await runWithFaults(1, 4, early, ['--plan', '0+1:2,2+3:3'])
+    // No measured profiles: the even split, and the notice says why.
+    const hybrid = await runWithFaults(1, 4, early, ['--plan', '0+1:2,2+3:3'], WITHOUT_PROFILES)
     await expectRecovered(hybrid, 1, early)
-    expect(hybrid.summary.recoveries[0]).toMatchObject({ strategy: 'even', peers: 3 })
+    expect(hybrid.summary.recoveries[0]).toMatchObject({ strategy: 'even', replan: { by: 'even' }, peers: 3 })
+    expect(hybrid.summary.recoveries[0]!.replan!.why).toMatch(/published no measured profile$/)
+    expect(hybrid.stderr).toMatch(/re-planned over 3 peers with an even split \(.*published no measured profile\)/)
   }, 75_000)
 
   it('N = 2: the only worker stopped (SIGSTOP) past the deadline is treated as lost; the master carries on alone with the reference, and the stopped process is gone', async () => {

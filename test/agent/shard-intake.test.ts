@@ -53,14 +53,30 @@ describe('ShardIntake', () => {
         p.model.headDim = 4096
       }),
     ).toMatch(/^frame plan: RoPE tables for a context of 4194304 × head size 4096 need 137438953472 bytes, more than a quarter/)
+    // Too little memory for the RoPE tables is the agent's budget, not a bad plan: the master exits with 2.
+    const huge = structuredClone(plan) as unknown as Mutable
+    huge.model.maxSeqLen = 1 << 22
+    huge.model.headDim = 4096
+    expect(errorOf(() => new ShardIntake(huge as unknown as TensorParallelPlan, 1, { memoryBytes: 1e9 })).name).toBe('MemoryBudgetError')
     expect(errorOf(() => new ShardIntake(plan, 1, { threads: 1e6 })).message).toBe('frame plan: threads must be at most 1024, got 1000000')
     expect(errorOf(() => new ShardIntake(plan, 1, { threads: 1e6 })).name).toBe('ProtocolError')
+  })
+
+  it('takes the wire dtype of the plan frame: absent = f32, f32 or f16; anything else is refused naming it', () => {
+    expect(new ShardIntake(plan, 1).wireDtype).toBe('f32')
+    expect(new ShardIntake(plan, 1, { wireDtype: 'f32' }).wireDtype).toBe('f32')
+    expect(new ShardIntake(plan, 1, { wireDtype: 'f16' }).wireDtype).toBe('f16')
+    for (const [value, shown] of [['bf16', '"bf16"'], ['F16', '"F16"'], [16, '16'], [null, 'null'], [{ f16: true }, '{"f16":true}']] as const) {
+      const err = errorOf(() => new ShardIntake(plan, 1, { wireDtype: value }))
+      expect(err.name).toBe('ProtocolError')
+      expect(err.message).toBe(`frame plan: wireDtype must be f32 or f16, got ${shown}`)
+    }
   })
 
   it('refuses a tensor outside the plan, of another shape or size, twice, or a short load-done', () => {
     const intake = new ShardIntake(plan, 1)
     const msg = (fields: Parameters<typeof tensor>[0], bytes: number): string => errorOf(() => intake.tensor(tensor(fields), bytes)).message
-    expect(msg({ layer: 5 }, 32 * 64 * 4)).toBe('frame tensor: layer 5 is outside the plan\'s layers 0..4')
+    expect(msg({ layer: 5 }, 32 * 64 * 4)).toBe('frame tensor: layer 5 is outside the plan\'s layers 0–4')
     expect(msg({ name: 'bq', rows: 1, cols: 32 }, 128)).toBe('frame tensor: shard 1 gets no weight bq (it gets attn_norm, wq, wk, wv, wo, ffn_norm, w1, w3, w2)')
     expect(msg({ rows: 64 }, 64 * 64 * 4)).toBe('frame tensor: wq of layer 0 is 64×64, the plan gives shard 1 32×64')
     expect(msg({ name: 'attn_norm', bits: 4, rows: 1, cols: 64 }, 40)).toBe('frame tensor: attn_norm is a vector, sent as f32 (bits 32), got bits 4')

@@ -87,7 +87,7 @@ describe.skipIf(!HAVE_MODELS)('ShardRunner with the in-process allreduce', () =>
     const model = loadModel(join(MODELS_DIR, 'stories260K.bin'))
     const tokens = referenceCases()[1]!.prompt_tokens
     const single = await hiddenStates(model, 1, tokens)
-    // Pipeline: 1 peer per stage over layers 0..2 and 2..5; hybrid: 2 tensor-parallel peers, then 3.
+    // Pipeline: 1 peer per stage over layers 0–1 and 2–4; hybrid: 2 tensor-parallel peers, then 3.
     for (const peers of [[1, 1], [2, 3]] as const) {
       const first = await hiddenStates(model, peers[0], tokens, { start: 0, count: 2 })
       const second = await hiddenStates(model, peers[1], tokens, { start: 2, count: 3 }, first)

@@ -1,4 +1,4 @@
-import { mkdtempSync, readFileSync } from 'node:fs'
+import { existsSync, mkdtempSync, readFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { describe, expect, it } from 'vitest'
@@ -38,7 +38,7 @@ describe.skipIf(!HAVE_MODELS)('sliding-window memory scheduler', () => {
   it('refuses a budget too small for two blocks and the KV cache, naming the bytes, exit code 2', async () => {
     const r = await runCli(['run', '--model', join(MODELS_DIR, 'stories260K.bin'), '--peers', '1', '--context', '64', '--memory-budget', '60kB'])
     expect(r.code).toBe(2)
-    expect(r.stderr.trim()).toMatch(/^edgeshard: memory budget of 60000 bytes is too small: needs 363008 \(2 blocks of 132352 \+ KV cache 98304\)$/)
+    expect(r.stderr.trim()).toBe('edgeshard: memory budget of 60000 bytes on master (device 0) is too small: needs 363008 (2 blocks of 132352 + KV cache 98304 at 64 positions)')
   }, 60_000)
 })
 
@@ -70,5 +70,37 @@ describe('sliding window on a shard 4× the budget (synthetic model, real proces
     } finally {
       await agent.stop()
     }
+  }, 240_000)
+})
+
+describe('sliding window over quantized weights (synthetic Q8_0 model, real processes)', () => {
+  it('streams blockwise blocks with a window of 2 and gives the tokens of resident mode, prefill in row chunks', async () => {
+    const model = join(dir, 'stream-q8.gguf')
+    const synth = await runCli(['synth', '--shape', 'test-stream', '--type', 'q8_0', '--seed', '3', '--out', model, '--quiet'], { timeoutMs: 120_000 })
+    expect(synth.code).toBe(0)
+    // 70 prompt tokens: the int8 kernel takes 32 rows per run for this shape (4 MiB of [16, rows, 2048] int32), so
+    // the prefill runs each block 3 times while it is resident.
+    const prompt = 'the quick brown fox jumps over the lazy dog '.repeat(2)
+    const run = async (label: string, extra: string[]) => {
+      const summary = join(dir, `q8-${label}.json`)
+      let pid = 0
+      const r = await runCli(
+        ['run', '--model', model, '--peers', '1', '--prompt', prompt, '--max-tokens', '8', '--context', '128', '--temperature', '0', '--summary-json', summary, ...extra],
+        { timeoutMs: 120_000, onSpawn: (child) => (pid = child.pid!) },
+      )
+      expect(r.code).toBe(0)
+      // The shard files of the default folder (and their blockwise copy) go with the run.
+      expect(existsSync(join(tmpdir(), 'edgeshard-shards', `master-${pid}`))).toBe(false)
+      return JSON.parse(readFileSync(summary, 'utf8')) as { promptTokens: number[]; nextTokens: number[]; perPeer: (PeerStats & { overheadBytes: number; peakRssBytes: number })[] }
+    }
+    const resident = await run('resident', [])
+    // Blockwise blocks of 3.5 MB, KV cache 4.7 MB, kernel workspace 16.8 MB: 30 MB holds 2 blocks, not 3.
+    const budgetBytes = 30_000_000
+    const streamed = await run('streamed', ['--memory-budget', String(budgetBytes)])
+    expect(resident.promptTokens.length).toBe(70)
+    expect(resident.perPeer[0]!.window).toBe(16)
+    expect(streamed.perPeer[0]!.window).toBe(2)
+    expect(streamed.nextTokens).toEqual(resident.nextTokens)
+    expect(streamed.perPeer[0]!.peakRssBytes).toBeLessThan(budgetBytes + streamed.perPeer[0]!.overheadBytes)
   }, 240_000)
 })

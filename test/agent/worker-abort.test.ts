@@ -1,5 +1,5 @@
 /**
- * A worker's side of recovery (issue 8) over a real libp2p stream on 127.0.0.1, the test playing the master:
+ * A worker's side of recovery over a real libp2p stream on 127.0.0.1, the test playing the master:
  * heartbeats when idle, `abort` of a pass stuck in an allreduce (answered `aborted`, never reported as an error),
  * stale `forward` and `ar` frames of the aborted epoch ignored, and a second plan and shard on the same stream that
  * then computes normally.
@@ -8,7 +8,6 @@ import { join } from 'node:path'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { encodeLayerShard } from '../../agent/shard-encoding.ts'
 import { allreduceTag } from '../../agent/shard-runner.ts'
-import { WorkerAgent } from '../../agent/worker.ts'
 import {
   type LinearWeight,
   loadModel,
@@ -19,7 +18,7 @@ import {
   sliceLayerShard,
   toLinearWeight,
 } from '../../splitter/index.ts'
-import { type Frame, type FramedChannel, TENSOR_PARALLEL_PROTOCOL, TransportNode } from '../../transport/index.ts'
+import { type WorkerSession, startWorkerSession } from '../support/worker-session.ts'
 import { HAVE_MODELS, MODELS_DIR } from '../support/cli.ts'
 import { seededRandom } from '../support/random.ts'
 
@@ -43,36 +42,12 @@ function shardOne(model: ModelDescription): { plan: ReturnType<typeof planTensor
 }
 
 describe.skipIf(!HAVE_MODELS)('a worker told to abort (recovery, real libp2p stream)', () => {
-  let worker: WorkerAgent
-  let master: TransportNode
-  let channel: FramedChannel
-  const ended: (Error | undefined)[] = []
-  let pings = 0
-
-  /** The next frame that is not a heartbeat (counted in `pings`). */
-  const next = async (): Promise<Frame> => {
-    for (;;) {
-      const frame = await channel.read({ signal: AbortSignal.timeout(10_000) })
-      if (frame === null) throw new Error('the worker closed the stream')
-      if (frame.header.type === 'ping') {
-        pings++
-        continue
-      }
-      return frame
-    }
-  }
-
+  let session: WorkerSession
   beforeAll(async () => {
-    worker = new WorkerAgent({ listen: ['/ip4/127.0.0.1/tcp/0'], onSessionEnd: (_peer, error) => ended.push(error) })
-    await worker.start()
-    master = new TransportNode({ listen: [] })
-    await master.start()
-    channel = await master.dial(worker.multiaddrs()[0]!, TENSOR_PARALLEL_PROTOCOL, { fresh: true })
+    session = await startWorkerSession()
   })
   afterAll(async () => {
-    await channel?.close().catch(() => {})
-    await master?.stop()
-    await worker?.stop()
+    await session?.stop()
   })
 
   it('drops the stuck pass and stale frames, answers aborted, heartbeats when idle, and runs a new plan on the same stream', async () => {
@@ -80,49 +55,49 @@ describe.skipIf(!HAVE_MODELS)('a worker told to abort (recovery, real libp2p str
     const { plan, tensors } = shardOne(model)
     const { dim, nLayers } = plan.model
     const load = async (): Promise<void> => {
-      await channel.send({ type: 'plan', plan, shardIndex: 1, threads: 1, heartbeatMs: 50 })
-      for (const t of tensors) await channel.send(t.header, t.body)
-      await channel.send({ type: 'load-done', tensors: tensors.length })
-      expect((await next()).header.type).toBe('ready')
+      await session.channel.send({ type: 'plan', plan, shardIndex: 1, threads: 1, heartbeatMs: 50 })
+      for (const t of tensors) await session.channel.send(t.header, t.body)
+      await session.channel.send({ type: 'load-done', tensors: tensors.length })
+      expect((await session.next()).header.type).toBe('ready')
     }
     const random = seededRandom(3)
     const hidden = (seq: number): Float32Array => Float32Array.from({ length: seq * dim }, () => random() - 0.5) // [seq, dim] f32
 
     await load()
     // Pass 0 of 2 positions: the worker sends its first partial, then waits for a sum that never comes.
-    await channel.send({ type: 'forward', step: 0, pos0: 0, seq: 2 }, hidden(2))
-    const stuck = await next()
+    await session.channel.send({ type: 'forward', step: 0, pos0: 0, seq: 2 }, hidden(2))
+    const stuck = await session.next()
     expect(stuck.header).toMatchObject({ type: 'ar', tag: allreduceTag(0, nLayers, 0, 0) })
-    await channel.send({ type: 'abort', epoch: 1, step: 1 })
-    expect((await next()).header).toEqual({ type: 'aborted', epoch: 1 })
+    await session.channel.send({ type: 'abort', epoch: 1, step: 1 })
+    expect((await session.next()).header).toEqual({ type: 'aborted', epoch: 1 })
 
     // Frames of the aborted pass arriving late are ignored: no error, no reply.
-    await channel.send({ type: 'ar', tag: allreduceTag(0, nLayers, 0, 0) }, hidden(2))
-    await channel.send({ type: 'forward', step: 0, pos0: 0, seq: 2 }, hidden(2))
+    await session.channel.send({ type: 'ar', tag: allreduceTag(0, nLayers, 0, 0) }, hidden(2))
+    await session.channel.send({ type: 'forward', step: 0, pos0: 0, seq: 2 }, hidden(2))
     // Idle (no shard loaded now) for 4 heartbeat intervals: heartbeats only, then the stats reply.
-    const before = pings
+    const before = session.pings
     await new Promise((r) => setTimeout(r, 200))
-    await channel.send({ type: 'stats' })
-    const stats = await next()
+    await session.channel.send({ type: 'stats' })
+    const stats = await session.next()
     expect(stats.header.type).toBe('stats')
     expect(stats.header.forwards).toBe(0)
-    expect(pings).toBeGreaterThan(before)
+    expect(session.pings).toBeGreaterThan(before)
 
     // A new plan and shard on the same stream; pass 1 from position 0 completes with the master answering each round.
     await load()
-    await channel.send({ type: 'forward', step: 1, pos0: 0, seq: 3 }, hidden(3))
+    await session.channel.send({ type: 'forward', step: 1, pos0: 0, seq: 3 }, hidden(3))
     for (let layer = 0; layer < nLayers; layer++) {
       for (const phase of [0, 1] as const) {
-        const partial = await next()
+        const partial = await session.next()
         expect(partial.header).toMatchObject({ type: 'ar', tag: allreduceTag(1, nLayers, layer, phase) })
         expect(partial.body.byteLength).toBe(3 * dim * 4)
-        await channel.send({ type: 'ar', tag: partial.header.tag }, partial.body.slice())
+        await session.channel.send({ type: 'ar', tag: partial.header.tag }, partial.body.slice())
       }
     }
-    await channel.send({ type: 'stats' })
-    const after = await next()
+    await session.channel.send({ type: 'stats' })
+    const after = await session.next()
     expect(after.header.type).toBe('stats')
     expect(after.header.forwards).toBe(1)
-    expect(ended).toEqual([]) // the session never failed
+    expect(session.ended).toEqual([]) // the session never failed
   }, 30_000)
 })

@@ -90,7 +90,7 @@ describe('stage plans', () => {
     expect(() => checkClusterPlan(shares, CONFIG, 4)).toThrow(/stage 0: shards cover 4 of 4 KV heads and 171 of 172 FFN columns/)
     const model = JSON.parse(JSON.stringify(plan))
     model.stages[1].tensorParallel.model.dim = 32
-    expect(() => checkClusterPlan(model, CONFIG, 4)).toThrow(/stage 1: the tensor-parallel plan is for another model shape/)
+    expect(() => checkClusterPlan(model, CONFIG, 4)).toThrow('cluster plan stage 1: the tensor-parallel plan is for another model (dim 32, the model has 64)')
     expect(() => checkClusterPlan({ kind: 'pipeline' }, CONFIG, 4)).toThrow(/not a cluster plan/)
   })
 })

@@ -1,5 +1,6 @@
 import { type ChildProcess, spawn } from 'node:child_process'
 import { existsSync, readFileSync } from 'node:fs'
+import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 
 /** ../shared/models beside the repository. */
@@ -30,10 +31,13 @@ export interface CliResult {
   stderr: string
 }
 
-/** Runs `edgeshard ...args` as a real process with the pinned Node. */
-export function runCli(args: readonly string[], options: { timeoutMs?: number; onSpawn?: (child: ChildProcess) => void } = {}): Promise<CliResult> {
+/** Runs `edgeshard ...args` as a real process with the pinned Node (`env`: variables added to this process's). */
+export function runCli(
+  args: readonly string[],
+  options: { timeoutMs?: number; onSpawn?: (child: ChildProcess) => void; env?: NodeJS.ProcessEnv } = {},
+): Promise<CliResult> {
   return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [CLI, ...args], { stdio: ['ignore', 'pipe', 'pipe'] })
+    const child = spawn(process.execPath, [CLI, ...args], { stdio: ['ignore', 'pipe', 'pipe'], ...(options.env ? { env: { ...process.env, ...options.env } } : {}) })
     const out: Buffer[] = []
     let err = ''
     child.stdout.on('data', (b: Buffer) => out.push(b))
@@ -136,12 +140,13 @@ export interface RunningAgent {
 /**
  * Starts `edgeshard agent --listen /ip4/127.0.0.1/tcp/0` and waits for its `listening` line. The agent gets a fresh
  * key (`--no-identity`: several agents on one machine cannot share the default key file) unless `extraArgs` names
- * one with `--identity`.
+ * one with `--identity`, and listens where `extraArgs` says with `--listen` if it does.
  */
 export function startAgent(timeoutMs = 30_000, extraArgs: readonly string[] = [], options: { captureStderr?: boolean } = {}): Promise<RunningAgent> {
   return new Promise((resolve, reject) => {
     const identity = extraArgs.includes('--identity') ? [] : ['--no-identity']
-    const child = spawn(process.execPath, [CLI, 'agent', '--listen', '/ip4/127.0.0.1/tcp/0', ...identity, ...extraArgs], {
+    const listen = extraArgs.includes('--listen') ? [] : ['--listen', '/ip4/127.0.0.1/tcp/0']
+    const child = spawn(process.execPath, [CLI, 'agent', ...listen, ...identity, ...extraArgs], {
       stdio: ['ignore', 'pipe', options.captureStderr ? 'pipe' : 'inherit'],
     })
     let stderr = ''
@@ -175,4 +180,70 @@ export function startAgent(timeoutMs = 30_000, extraArgs: readonly string[] = []
       reject(new Error(`edgeshard agent exited with code ${code} before listening${stderr ? `: ${stderr.trim()}` : ''}`))
     })
   })
+}
+
+/** A running `edgeshard serve` process. */
+export interface Served {
+  readonly child: ChildProcess
+  /** `http://HOST:PORT/v1`. */
+  readonly baseURL: string
+  stderr(): string
+  stop(): Promise<void>
+}
+
+/** Starts `edgeshard serve --port 0 ...args` and waits for its `listening` line. */
+export function startServe(args: readonly string[], timeoutMs = 60_000): Promise<Served> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(process.execPath, [CLI, 'serve', '--port', '0', ...args], { stdio: ['ignore', 'pipe', 'pipe'] })
+    let out = ''
+    let err = ''
+    child.stderr.on('data', (b: Buffer) => {
+      err += b.toString()
+    })
+    const timer = setTimeout(() => {
+      child.kill('SIGKILL')
+      reject(new Error(`edgeshard serve did not start; stderr: ${err}`))
+    }, timeoutMs)
+    child.once('exit', (code) => {
+      clearTimeout(timer)
+      reject(new Error(`edgeshard serve exited with code ${code}; stderr: ${err}`))
+    })
+    child.stdout.on('data', (b: Buffer) => {
+      out += b.toString()
+      const match = /^listening (http:\/\/\S+)$/m.exec(out)
+      if (!match) return
+      clearTimeout(timer)
+      resolve({
+        child,
+        baseURL: `${match[1]}/v1`,
+        stderr: () => err,
+        stop: () =>
+          new Promise<void>((done) => {
+            if (child.exitCode !== null || child.signalCode !== null) return done()
+            child.once('exit', () => done())
+            child.kill('SIGTERM')
+          }),
+      })
+    })
+  })
+}
+
+/**
+ * `edgeshard run ...args` with its summary and logits dumped to `dir/<tag>.json` and `dir/<tag>.f32`.
+ * @returns the summary, the logits ([positions, vocab] f32) and stdout
+ * @throws Error with the CLI's stderr when it fails or prints a stack trace
+ */
+export async function runWithLogits<S>(dir: string, tag: string, args: readonly string[]): Promise<{ summary: S; logits: Float32Array; stdout: Buffer }> {
+  const summaryPath = join(dir, `${tag}.json`)
+  const logitsPath = join(dir, `${tag}.f32`)
+  const result = await runCli(['run', ...args, '--summary-json', summaryPath, '--dump-logits', logitsPath])
+  if (result.code !== 0 || /Error:|at .*\.ts:\d+/.test(result.stderr)) {
+    throw new Error(`edgeshard run ${args.join(' ')} exited with ${result.code}: ${result.stderr}`)
+  }
+  const bytes = readFileSync(logitsPath)
+  return {
+    summary: JSON.parse(readFileSync(summaryPath, 'utf8')) as S,
+    logits: new Float32Array(bytes.buffer, bytes.byteOffset, bytes.byteLength / 4),
+    stdout: result.stdout,
+  }
 }

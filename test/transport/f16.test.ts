@@ -65,6 +65,27 @@ describe('f16 wire conversion', () => {
     expect(mismatches).toBe(0)
   })
 
+  it('decodes every one of the 65536 bit patterns to its exact value, alone and when adding', () => {
+    const bits = Uint16Array.from({ length: 65536 }, (_, h) => h)
+    const exact = (h: number): number => {
+      const sign = h & 0x8000 ? -1 : 1
+      const exponent = (h >>> 10) & 0x1f
+      const mantissa = h & 0x3ff
+      if (exponent === 0) return sign * mantissa * 2 ** -24
+      if (exponent === 31) return mantissa === 0 ? sign * Number.POSITIVE_INFINITY : Number.NaN
+      return sign * (1 + mantissa / 1024) * 2 ** (exponent - 15)
+    }
+    const decoded = decodeF16(bits)
+    const added = new Float32Array(65536) // 0 + x = x (and -0 + +0 = +0)
+    addF16Into(added, bits)
+    let mismatches = 0
+    for (let h = 0; h < 65536; h++) {
+      const want = exact(h)
+      if (!sameValue(decoded[h]!, want) || !sameValue(added[h]!, want === 0 ? 0 : want)) mismatches++
+    }
+    expect(mismatches).toBe(0)
+  })
+
   it('adds f16 values into an f32 sum with f32 rounding, and checks lengths', () => {
     const sum = new Float32Array([1, 2, 3])
     addF16Into(sum, encodeF16(new Float32Array([0.5, 1e-3, -3])))

@@ -1,55 +1,11 @@
-import { type ChildProcess, spawn } from 'node:child_process'
 import { readFileSync } from 'node:fs'
 import { join } from 'node:path'
 import OpenAI from 'openai'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { CLI, childPids, HAVE_MODELS, MODELS_DIR, referenceCases } from '../../support/cli.ts'
+import { childPids, HAVE_MODELS, MODELS_DIR, referenceCases, type Served, startServe } from '../../support/cli.ts'
 
 // `edgeshard serve` as a real process with 3 peers (two local workers) on stories260K, driven by the official
 // `openai` npm client. Greedy completions must give llama2.c run.c's reference text exactly.
-
-interface Served {
-  readonly child: ChildProcess
-  readonly baseURL: string
-  stderr(): string
-  stop(): Promise<void>
-}
-
-function startServe(args: readonly string[], timeoutMs = 60_000): Promise<Served> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [CLI, 'serve', '--port', '0', ...args], { stdio: ['ignore', 'pipe', 'pipe'] })
-    let out = ''
-    let err = ''
-    child.stderr.on('data', (b: Buffer) => {
-      err += b.toString()
-    })
-    const timer = setTimeout(() => {
-      child.kill('SIGKILL')
-      reject(new Error(`edgeshard serve did not start; stderr: ${err}`))
-    }, timeoutMs)
-    child.once('exit', (code) => {
-      clearTimeout(timer)
-      reject(new Error(`edgeshard serve exited with code ${code}; stderr: ${err}`))
-    })
-    child.stdout.on('data', (b: Buffer) => {
-      out += b.toString()
-      const match = /^listening (http:\/\/\S+)$/m.exec(out)
-      if (!match) return
-      clearTimeout(timer)
-      resolve({
-        child,
-        baseURL: `${match[1]}/v1`,
-        stderr: () => err,
-        stop: () =>
-          new Promise<void>((done) => {
-            if (child.exitCode !== null || child.signalCode !== null) return done()
-            child.once('exit', () => done())
-            child.kill('SIGTERM')
-          }),
-      })
-    })
-  })
-}
 
 /** CPU time (user + system) of `pid` and its direct children, in clock ticks (/proc/<pid>/stat fields 14 and 15). */
 function cpuTicks(pid: number): number {

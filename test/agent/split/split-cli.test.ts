@@ -36,7 +36,7 @@ describe.skipIf(!HAVE_FMNIST)('edgeshard split serve + split run as processes', 
   const dir = mkdtempSync(join(tmpdir(), 'edgeshard-split-cli-'))
 
   beforeAll(async () => {
-    // a fresh key: `split run` below reads this machine's default identity key (issue 8)
+    // a fresh key: `split run` below reads this machine's default identity key
     const child = spawn(process.execPath, [CLI, 'split', 'serve', '--model', BOTTLEFIT, '--listen', '/ip4/127.0.0.1/tcp/0', '--no-identity'], { stdio: ['ignore', 'pipe', 'pipe'] })
     server = child
     address = await new Promise<string>((resolve, reject) => {
