@@ -9,6 +9,8 @@ import {
   type FfnShardWeights,
   type GraphConstants,
   type LayerShardWeights,
+  layerGroupSizes,
+  MAX_GRAPH_WEIGHT_BYTES,
   type LinearWeight,
   type QuantizedInputs,
   ropeCaches,
@@ -34,41 +36,6 @@ export interface ForwardTimings {
 /** Allreduce tag of sync point `phase` (0 attention, 1 FFN) of `layer` in forward pass `step`. */
 export function allreduceTag(step: number, nLayers: number, layer: number, phase: 0 | 1): number {
   return (step * nLayers + layer) * 2 + phase
-}
-
-/**
- * Most weight bytes baked into one whole-layer graph (see `buildDecoderLayers`; a layer larger than this gets a graph
- * of its own). Each session run costs more than its kernels: on TinyLlama-1.1B Q4_0 (22 layers, 2 threads) decode took
- * 30.0, 29.4, 27.8 and 27.0 ms/token with graphs of 1, 4, 8 and 22 layers, 36.5 with per-block graphs (bench:layouts,
- * medians of 58 steps, load average 1), so graphs are as large as allowed. A graph is one protobuf, limited to 2 GiB, and building it holds its weights about
- * three times over (stacked Q/K/V and W1/W3, the protobuf, onnxruntime's copy) until its session exists; a device
- * short of memory for that sets `layersPerGraph`.
- */
-export const MAX_GRAPH_WEIGHT_BYTES = 2 ** 30
-
-/**
- * Sizes of consecutive groups of layers whose weights are `layerBytes` (in order): as few groups as `maxLayers` per
- * group and `maxBytes` per group allow, of near-equal layer counts (a single layer over `maxBytes` is a group alone).
- * @example layerGroupSizes(Array(22).fill(27e6), 8, 2 ** 30) // [8, 8, 6]
- */
-export function layerGroupSizes(layerBytes: readonly number[], maxLayers: number, maxBytes: number): number[] {
-  const total = layerBytes.reduce((a, b) => a + b, 0)
-  const n = Math.max(1, Math.ceil(layerBytes.length / maxLayers), Math.ceil(total / maxBytes))
-  const target = Math.ceil(layerBytes.length / n)
-  const sizes: number[] = []
-  let count = 0
-  let bytes = 0
-  for (const b of layerBytes) {
-    if (count > 0 && (count === target || bytes + b > maxBytes)) {
-      sizes.push(count)
-      count = 0
-      bytes = 0
-    }
-    count++
-    bytes += b
-  }
-  if (count > 0) sizes.push(count)
-  return sizes
 }
 
 /** Options of {@link ShardRunner.create}. */

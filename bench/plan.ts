@@ -141,8 +141,8 @@ function runEmulate(clusterPath: string, plan: string, tag: string, extra: reado
     '--trace',
     tracePath,
     '--quiet',
-    // One graph per attention and FFN block on every peer, stages of one device too: the cost model counts a fixed
-    // overhead per block, and the calibration reads the blocks' spans (whole-layer graphs have one span per layer).
+    // One graph per attention and FFN block on every peer, stages of one device too: the calibration reads the blocks'
+    // spans (whole-layer graphs have one span per graph), and the plans below are costed the same way.
     '--layers-per-graph',
     '0',
     ...extra,
@@ -249,7 +249,7 @@ function writeCluster(tag: string, devices: readonly unknown[], rttMs: number): 
 }
 
 function predict(clusterPath: string, plan: ClusterPlan): PlanCost {
-  return predictClusterPlan(clusterPlanInput(model, readClusterFile(clusterPath), { quantizedMatmul: 'int8' }), plan)
+  return predictClusterPlan(clusterPlanInput(model, readClusterFile(clusterPath), { quantizedMatmul: 'int8', layersPerGraph: 0 }), plan)
 }
 
 function costJson(c: PlanCost): Record<string, number> {
@@ -417,7 +417,7 @@ interface PlanJson {
 function planCli(clusterPath: string): PlanJson {
   const p = spawnSync(
     process.execPath,
-    [CLI, 'plan', '--model', modelPath, '--cluster', clusterPath, '--context', String(CONTEXT), '--quantized-matmul', 'int8', '--json'],
+    [CLI, 'plan', '--model', modelPath, '--cluster', clusterPath, '--context', String(CONTEXT), '--quantized-matmul', 'int8', '--layers-per-graph', '0', '--json'],
     { encoding: 'utf8', maxBuffer: 64 * 2 ** 20 },
   )
   if (p.status !== 0) {

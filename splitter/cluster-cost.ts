@@ -18,7 +18,8 @@
  * encryption, copies, waking its event loop (default 0).
  */
 import type { ClusterPlan, StagePlan } from './cluster-plan.ts'
-import { formatLayers } from './layer-range.ts'
+import { attentionKernel } from './graph/llama-blocks.ts'
+import { formatLayers, layerGroupSizes, MAX_GRAPH_WEIGHT_BYTES } from './layer-range.ts'
 import type { LayerStorage, ModelCostShape, WeightStorage } from './model-cost.ts'
 import type { ShardSpec, UnitRange } from './tensor-parallel-plan.ts'
 
@@ -59,6 +60,12 @@ export interface ClusterCostOptions {
   readonly wireBytesPerValue?: number
   /** Positions the KV cache is sized for. Default: the model's `maxSeqLen`. */
   readonly contextPositions?: number
+  /**
+   * Most decoder layers per graph on a one-device stage (the runner's `layersPerGraph`): such a stage runs whole layers
+   * per graph and pays the block overhead once per graph, not per block. 0 = one graph per block. Default: the whole
+   * stage, at most {@link MAX_GRAPH_WEIGHT_BYTES} of weights per graph.
+   */
+  readonly layersPerGraph?: number
 }
 
 /** Default fixed cost of one block on one device, ms (an onnxruntime run is ≈ 12 µs plus norms, RoPE, small ops). */
@@ -215,20 +222,38 @@ export function stageCost(input: ClusterCostInput, stage: StagePlan): Omit<PlanC
     allreduceOnceMs = 2 * slowestMs + hubSumMs + members.length * msg(hub)
   }
 
-  let computeMs = 0
+  const graphs = wholeLayerGraphs(input, stage)
+  let computeMs = graphs === null ? 0 : graphs * blockOverheadMs(input, hub)
   for (const l of layersOf(stage.layers)) {
     const layer = model.layers[l]!
     let attentionMs = 0
     let ffnMs = 0
     stage.tensorParallel.shards.forEach((shard, i) => {
       const device = devices[members[i]!]!
-      const overheadMs = blockOverheadMs(input, members[i]!)
+      const overheadMs = graphs === null ? blockOverheadMs(input, members[i]!) : 0
       if (shard.kvHeads.count > 0) attentionMs = Math.max(attentionMs, readMs(device, attentionShareBytes(model, layer, shard)) + overheadMs)
       if (shard.ffnColumns.count > 0) ffnMs = Math.max(ffnMs, readMs(device, ffnShareBytes(model, layer, shard)) + overheadMs)
     })
     computeMs += attentionMs + ffnMs
   }
   return { computeMs, allreduceMs: 2 * stage.layers.count * allreduceOnceMs, handoffMs }
+}
+
+/**
+ * Graphs a one-device stage runs per token when it runs whole decoder layers per graph (as agent/shard-runner.ts does
+ * for a peer without allreduce partners, with the 'gqa' attention kernel), or null when it runs one graph per block.
+ */
+export function wholeLayerGraphs(input: Pick<ClusterCostInput, 'model' | 'options'>, stage: Pick<StagePlan, 'devices' | 'layers' | 'tensorParallel'>): number | null {
+  const perGraph = input.options?.layersPerGraph ?? Number.POSITIVE_INFINITY
+  const shard = stage.tensorParallel.shards[0]
+  if (stage.devices.length !== 1 || perGraph === 0 || !shard || attentionKernel(input.model.config.headDim) !== 'gqa') return null
+  const layerBytes = layersOf(stage.layers).map((l) => {
+    const layer = input.model.layers[l]!
+    const a = attentionShareBytes(input.model, layer, shard)
+    const f = ffnShareBytes(input.model, layer, shard)
+    return a.denseBytes + a.nbitsBytes + f.denseBytes + f.nbitsBytes
+  })
+  return layerGroupSizes(layerBytes, perGraph, MAX_GRAPH_WEIGHT_BYTES).length
 }
 
 /** The master's final norm and classifier per token, ms. */

@@ -30,7 +30,7 @@ export {
   planTensorParallel,
   proportionalShares,
 } from './tensor-parallel-plan.ts'
-export { formatLayers } from './layer-range.ts'
+export { formatLayers, layerGroupSizes, MAX_GRAPH_WEIGHT_BYTES } from './layer-range.ts'
 export {
   type ClusterPlan,
   type ClusterPlanChoice,
@@ -57,6 +57,7 @@ export {
   planMemoryBytes,
   predictClusterPlan,
   stageMemoryBytes,
+  wholeLayerGraphs,
 } from './cluster-cost.ts'
 export { type LayerStorage, type ModelCostShape, modelCostShape, uniformModelCostShape, type WeightStorage, weightStorage } from './model-cost.ts'
 export {

@@ -17,7 +17,7 @@ import { CpuQuotas } from '../cpu-quota.ts'
 import { UsageError } from '../errors.ts'
 import { type LocalWorkers, spawnLocalWorkers } from '../local-workers.ts'
 import { withSurvey } from '../surveyed-cluster.ts'
-import { plannedFor } from './plan.ts'
+import { plannedFor, planningOptions } from './plan.ts'
 import type { ClusterFlags, ClusterSetup } from './start-cluster.ts'
 
 /** The flags `emulate` adds to those of `run`. */
@@ -114,7 +114,7 @@ export async function emulate<F extends EmulateFlags>(flags: F, run: (flags: F, 
       measuredProfiles: flags.profiles === 'measured',
       // Measured links (--probe-links) and profiles (--profiles measured) replace the file's; budgets stay the file's.
       autoPlan: (model, _nDevices, survey) =>
-        plannedFor(survey ? withSurvey(spec, survey, { links: survey.links.length > 0, profiles: survey.profiles.length > 0 }) : spec, model, flags.quantizedMatmul),
+        plannedFor(survey ? withSurvey(spec, survey, { links: survey.links.length > 0, profiles: survey.profiles.length > 0 }) : spec, model, planningOptions(flags)),
       spawnWorkers: async (count, agentArgs): Promise<LocalWorkers> => {
         const workers = await spawnLocalWorkers(count, {
           agentArgs: (i) => [...agentArgs(i), '--memory-budget', String(spec.devices[i]!.memoryBudgetBytes)],

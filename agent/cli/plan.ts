@@ -17,6 +17,7 @@ import {
   planClusterChoice,
 } from '../../splitter/index.ts'
 import { finiteNumber, wholeNumber } from './arguments.ts'
+import { WIRE_DTYPES, type WireDtype } from '../../transport/index.ts'
 
 interface PlanFlags {
   model: string
@@ -25,6 +26,21 @@ interface PlanFlags {
   context?: number
   blockOverheadMs?: number
   quantizedMatmul: 'exact' | 'int8'
+  wireDtype: WireDtype
+  layersPerGraph?: number
+}
+
+/** What planning takes besides the model and the cluster: the run's options that change its cost. */
+export interface PlanningOptions {
+  /** KV cache positions to plan memory for (default: the model's maxSeqLen). */
+  readonly contextPositions?: number
+  /** Block overhead of devices whose profile gives none, ms. */
+  readonly blockOverheadMs?: number
+  readonly quantizedMatmul?: 'exact' | 'int8'
+  /** Element type of hidden states and partial sums on the wire (f16 halves the bytes each allreduce moves). */
+  readonly wireDtype?: WireDtype
+  /** Most decoder layers per graph on a one-device stage (`--layers-per-graph`; 0 = per block). */
+  readonly layersPerGraph?: number
 }
 
 /**
@@ -34,8 +50,7 @@ interface PlanFlags {
 export function clusterPlanInput(
   model: ModelDescription,
   cluster: ClusterSpec,
-  options: { contextPositions?: number; blockOverheadMs?: number; quantizedMatmul?: 'exact' | 'int8' } = {},
-): ClusterPlanInput {
+  options: PlanningOptions = {},): ClusterPlanInput {
   return {
     model: modelCostShape(model),
     devices: cluster.devices.map((d) => ({
@@ -51,6 +66,8 @@ export function clusterPlanInput(
       ...(options.contextPositions === undefined ? {} : { contextPositions: options.contextPositions }),
       ...(options.blockOverheadMs === undefined ? {} : { blockOverheadMs: options.blockOverheadMs }),
       ...(options.quantizedMatmul === undefined ? {} : { quantizedMatmul: options.quantizedMatmul }),
+      ...(options.wireDtype === undefined ? {} : { wireBytesPerValue: options.wireDtype === 'f16' ? 2 : 4 }),
+      ...(options.layersPerGraph === undefined ? {} : { layersPerGraph: options.layersPerGraph }),
     },
   }
 }
@@ -60,8 +77,17 @@ export function clusterPlanInput(
  * `edgeshard plan` makes it.
  * @throws InsufficientMemoryError (from the planner) when no plan fits the budgets
  */
-export function plannedFor(spec: ClusterSpec, model: ModelDescription, quantizedMatmul: 'exact' | 'int8' = 'exact'): ClusterPlan {
-  return planClusterChoice(clusterPlanInput(model, spec, { quantizedMatmul })).chosen
+export function plannedFor(spec: ClusterSpec, model: ModelDescription, options: PlanningOptions = {}): ClusterPlan {
+  return planClusterChoice(clusterPlanInput(model, spec, options)).chosen
+}
+
+/** The planning options of a run's flags (`--quantized-matmul`, `--wire-dtype`, `--layers-per-graph`). */
+export function planningOptions(flags: { quantizedMatmul?: 'exact' | 'int8'; wireDtype?: WireDtype; layersPerGraph?: number }): PlanningOptions {
+  return {
+    ...(flags.quantizedMatmul === undefined ? {} : { quantizedMatmul: flags.quantizedMatmul }),
+    ...(flags.wireDtype === undefined ? {} : { wireDtype: flags.wireDtype }),
+    ...(flags.layersPerGraph === undefined ? {} : { layersPerGraph: flags.layersPerGraph }),
+  }
 }
 
 async function plan(flags: PlanFlags): Promise<void> {
@@ -70,7 +96,7 @@ async function plan(flags: PlanFlags): Promise<void> {
   const model: ModelDescription = flags.context === undefined ? loaded : { ...loaded, config: { ...loaded.config, maxSeqLen: flags.context } }
   const input = clusterPlanInput(model, cluster, {
     ...(flags.blockOverheadMs === undefined ? {} : { blockOverheadMs: flags.blockOverheadMs }),
-    quantizedMatmul: flags.quantizedMatmul,
+    ...planningOptions(flags),
   })
   const choice = planClusterChoice(input)
   if (flags.json) {
@@ -174,6 +200,12 @@ export function registerPlan(program: Command): void {
     .addOption(
       new Option('--block-overhead-ms <ms>', "fixed cost of one block on a device whose profile gives none, in the cost model (default 0.05)").argParser(finiteNumber),
     )
-    .addOption(new Option('--quantized-matmul <mode>', 'activations of Q4_0/Q8_0 matmuls carried in the plan').choices(['exact', 'int8']).default('exact'))
+    .addOption(new Option('--quantized-matmul <mode>', 'activations of Q4_0/Q8_0 matmuls carried in the plan').choices(['exact', 'int8']).default('int8'))
+    .addOption(new Option('--wire-dtype <dtype>', 'allreduce tensors on the wire, as the run will send them').choices(WIRE_DTYPES).default('f32'))
+    .addOption(
+      new Option('--layers-per-graph <n>', 'most decoder layers per graph on a device alone in its stage, as the run will use (default: all; 0: per block)').argParser(
+        wholeNumber(0),
+      ),
+    )
     .action(plan)
 }

@@ -21,7 +21,7 @@ import type { ClusterSurvey } from '../link-survey.ts'
 import { checkPlanFits } from '../plan-fit.ts'
 import { surveyedClusterSpec } from '../surveyed-cluster.ts'
 import { surveyForPlanning } from './cluster-survey.ts'
-import { plannedFor } from './plan.ts'
+import { plannedFor, planningOptions } from './plan.ts'
 import { describePlan, PLAN_HELP, resolvePlan } from './plan-option.ts'
 import { addSecurityOptions, loadSecurity, localWorkerIdentities, type SecurityFlags } from './security.ts'
 
@@ -241,7 +241,7 @@ export async function startCluster(flags: ClusterFlags, setup: ClusterSetup = {}
   const autoPlan = (survey?: ClusterSurvey): ClusterPlan => {
     if (setup.autoPlan) return setup.autoPlan(model, nPeers, survey)
     const spec = surveyedClusterSpec('the measured cluster', names, budgets.map((b) => b.budgetBytes), survey!)
-    return plannedFor(spec, model, flags.quantizedMatmul)
+    return plannedFor(spec, model, planningOptions(flags))
   }
   // Build and check the plan before any process starts or socket opens (throws RangeError naming the numbers), unless
   // it is planned from what the survey measures.

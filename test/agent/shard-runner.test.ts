@@ -1,6 +1,7 @@
 import { join } from 'node:path'
 import { describe, expect, it } from 'vitest'
-import { layerGroupSizes, ShardRunner } from '../../agent/shard-runner.ts'
+import { ShardRunner } from '../../agent/shard-runner.ts'
+import { layerGroupSizes } from '../../splitter/index.ts'
 import {
   loadModel,
   type ModelDescription,

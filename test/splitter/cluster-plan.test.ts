@@ -13,6 +13,7 @@ import {
   SYNTH_SHAPES,
   uniformModelCostShape,
   waterFill,
+  wholeLayerGraphs,
 } from '../../splitter/index.ts'
 
 const TINYLLAMA: LlamaConfig = SYNTH_SHAPES['tinyllama-1.1b']!.config
@@ -217,22 +218,28 @@ describe('planClusterChoice', () => {
     expect(withSlow.cost.totalMs).toBeGreaterThan(chosen.predictedMsPerToken)
   })
 
-  it('predicts a single device as bytes / rate plus the per-block overhead', () => {
+  it('predicts a single device as bytes / rate plus one overhead per graph (whole layers), or per block', () => {
     const d = device('solo', 8)
     const { chosen, alternatives } = planClusterChoice({ model: MODEL, devices: [d], link: uniformLinks(1) })
-    const perLayerMs = LAYER_BYTES / (8 * 1e6) + 2 * 0.05
     const headMs = MODEL.classifierBytes / (8 * 1e6) + 0.05
-    expect(chosen.predictedMsPerToken).toBeCloseTo(22 * perLayerMs + headMs, 9)
+    // Alone in its stage the device runs all 22 layers as one graph (under MAX_GRAPH_WEIGHT_BYTES): one overhead.
+    expect(wholeLayerGraphs({ model: MODEL }, chosen.stages[0]!)).toBe(1)
+    expect(chosen.predictedMsPerToken).toBeCloseTo(22 * (LAYER_BYTES / (8 * 1e6)) + 0.05 + headMs, 9)
     expect(alternatives[0]!.cost).toMatchObject({ allreduceMs: 0, handoffMs: 0 })
     expect(chosen.kind).toBe('tensor-parallel')
+    // --layers-per-graph 8: graphs of 8, 7 and 7 layers; 0: two blocks per layer, each with its overhead.
+    expect(wholeLayerGraphs({ model: MODEL, options: { layersPerGraph: 8 } }, chosen.stages[0]!)).toBe(3)
+    const perBlock = planClusterChoice({ model: MODEL, devices: [d], link: uniformLinks(1), options: { layersPerGraph: 0 } })
+    expect(perBlock.chosen.predictedMsPerToken).toBeCloseTo(22 * (LAYER_BYTES / (8 * 1e6) + 2 * 0.05) + headMs, 9)
   })
 
   it("charges each device its own per-block overhead, else the options', else the default", () => {
     const perLayerMs = (overheadMs: number): number => LAYER_BYTES / (8 * 1e6) + 2 * overheadMs
     const headMs = (overheadMs: number): number => MODEL.classifierBytes / (8 * 1e6) + overheadMs
-    const own = planClusterChoice({ model: MODEL, devices: [{ ...device('solo', 8), blockOverheadMs: 0.4 }], link: uniformLinks(1) })
+    const perBlock = { layersPerGraph: 0 }
+    const own = planClusterChoice({ model: MODEL, devices: [{ ...device('solo', 8), blockOverheadMs: 0.4 }], link: uniformLinks(1), options: perBlock })
     expect(own.chosen.predictedMsPerToken).toBeCloseTo(22 * perLayerMs(0.4) + headMs(0.4), 9)
-    const options = planClusterChoice({ model: MODEL, devices: [device('solo', 8)], link: uniformLinks(1), options: { blockOverheadMs: 0.2 } })
+    const options = planClusterChoice({ model: MODEL, devices: [device('solo', 8)], link: uniformLinks(1), options: { ...perBlock, blockOverheadMs: 0.2 } })
     expect(options.chosen.predictedMsPerToken).toBeCloseTo(22 * perLayerMs(0.2) + headMs(0.2), 9)
     // In a stage, a block takes as long as its slowest member, overhead included: the slow device's 2 ms dominates.
     const devices = [device('a', 8), { ...device('b', 8), blockOverheadMs: 2 }]
@@ -240,6 +247,18 @@ describe('planClusterChoice', () => {
     const even = planEvenTensorParallel(input)
     expect(predictClusterPlan(input, even).computeMs).toBeCloseTo(22 * (LAYER_BYTES / 2 / (8 * 1e6) + 2 * 2), 6)
     expect(() => planClusterChoice({ ...input, devices: [{ ...device('x', 8), blockOverheadMs: -1 }] })).toThrow(/device x: blockOverheadMs is -1/)
+  })
+
+  it('charges f16 on the wire half the bytes of each allreduce', () => {
+    const devices = [device('a', 8), device('b', 8)]
+    const slow = (a: number, b: number) => (a === b ? { rttMs: 0, mbps: Number.POSITIVE_INFINITY } : { rttMs: 0, mbps: 1 })
+    const input: ClusterPlanInput = { model: MODEL, devices, link: slow }
+    const even = planEvenTensorParallel(input)
+    const f32 = predictClusterPlan(input, even).allreduceMs
+    const f16 = predictClusterPlan({ ...input, options: { wireBytesPerValue: 2 } }, even).allreduceMs
+    // No rtt, no per-message cost: only the bytes, 2 × dim × 4 (or 2) bytes at 1 Mbit/s per allreduce, 44 of them.
+    expect(f32).toBeCloseTo(44 * 2 * ((MODEL.config.dim * 4 * 8) / 1e3) + 44 * ((MODEL.config.dim * 4 * 3) / (8 * 1e6)), 6)
+    expect(f16).toBeCloseTo(44 * 2 * ((MODEL.config.dim * 2 * 8) / 1e3) + 44 * ((MODEL.config.dim * 4 * 3) / (8 * 1e6)), 6)
   })
 
   it('charges the per-message cost: 2 × member + n × hub per allreduce, the broadcast, the stage hand-offs', () => {
