@@ -84,7 +84,10 @@ export interface AttentionShardShape {
  * - 'gqa': `new_k` / `new_v` [1, kvHeads, seq, headDim] f32, K (rotated) and V of this step's positions, for the caller
  *   to write into its cache at positions past..total-1. The whole cache never leaves onnxruntime: onnxruntime-node
  *   copies every output into a fresh, zero-filled ArrayBuffer, which for the cache cost two passes over it per layer
- *   and token, plus the garbage collections those buffers set off.
+ *   and token, plus the garbage collections those buffers set off. Binding `present` to the caller's buffer as a
+ *   pre-allocated output (GroupQueryAttention then shares past and present) does not avoid that: the binding still
+ *   copies the whole capacity out. Measured on one GQA op (32 heads, 4 KV heads, head size 64, capacity 2048):
+ *   0.26 / 0.79 / 1.33 ms per step at 100 / 1000 / 2000 positions this way, 2.95 / 4.42 / 4.80 ms bound.
  * - 'ops': `present_k` / `present_v` [kvHeads, total, headDim] f32, the cache with this step appended.
  * @throws RangeError when the heads do not group over the KV heads, the head size is odd, or 'gqa' is asked for a
  *   head size that is not a multiple of 8
