@@ -13,6 +13,7 @@ import {
   type StreamedLinearWeight,
   type WeightBits,
 } from '../splitter/index.ts'
+import { BlockLoader, type LoadResult } from './block-loader.ts'
 import type { WeightName } from './protocol.ts'
 
 const log = logger('edgeshard:agent:weights')
@@ -119,8 +120,8 @@ const ATTENTION_NAMES: ReadonlySet<WeightName> = new Set(['attn_norm', 'wq', 'wk
 /** A shard file failed its checksum or does not match what was expected. */
 export class ShardFileError extends Error {
   static override name = 'ShardFileError'
-  constructor(message: string) {
-    super(message)
+  constructor(message: string, options?: ErrorOptions) {
+    super(message, options)
     this.name = 'ShardFileError'
   }
 }
@@ -221,7 +222,8 @@ export interface StreamingOptions {
   readonly quantizedMatmul?: 'exact' | 'int8'
   /**
    * Check every block's CRC-32 each time the sliding window reads it from disk (default true): corruption on disk
-   * after the open is named instead of computed with. Costs ≈ 0.4–0.5 ms per MB read here (zlib crc32 ≈ 2–2.5 GB/s).
+   * after the open is named instead of computed with. Costs ≈ 0.3–0.5 ms of CPU per MB read here (zlib crc32 ≈ 2–3.5
+   * GB/s), on the loader's thread (agent/block-loader.ts), not the agent's event loop.
    */
   readonly checkReads?: boolean
 }
@@ -280,21 +282,20 @@ export function describeStreamingNeeds(needs: StreamingNeeds, kvNote = ''): stri
 
 /**
  * TPI-LLM's sliding-window memory scheduler (§3.3): at most W half-layer blocks resident in a pool of W reused
- * buffers; a background loader reads the next blocks from the shard file while the current one computes and
- * allreduces, and wraps around to layer 0 for the next token. ORT reads the pool buffers in place (weights are graph
- * inputs). W = ⌊(budget − KV cache) / largest block⌋, at least 2.
+ * buffers; a loader thread (agent/block-loader.ts) reads the next blocks from the shard file and checks them while the
+ * current one computes and allreduces, and wraps around to layer 0 for the next token. ORT reads the pool buffers
+ * (SharedArrayBuffers) in place (weights are graph inputs). W = ⌊(budget − KV cache) / largest block⌋, at least 2.
  */
 export class StreamingStore implements WeightStore {
   readonly layout: BlockLayout
   readonly window: number
   ioWaitMs = 0
-  readonly #file: FileHandle
+  readonly #loader: BlockLoader
   /** The shard directory and its index (named in errors). */
   readonly #dir: string
   readonly #index: ShardIndex
   readonly #blocks: readonly BlockEntry[]
   readonly #order = new Map<string, number>()
-  readonly #slots: ArrayBuffer[]
   readonly #free: number[]
   /** CRC-32 each block must have when read, by block (from the index, or computed at open), or null: unchecked. */
   readonly #crcs: readonly (number | null)[] | null
@@ -302,16 +303,15 @@ export class StreamingStore implements WeightStore {
   #next = 0
   #closed = false
 
-  private constructor(file: FileHandle, dir: string, index: ShardIndex, window: number, slotBytes: number, layout: BlockLayout, crcs: readonly (number | null)[] | null) {
-    this.#file = file
+  private constructor(loader: BlockLoader, dir: string, index: ShardIndex, window: number, layout: BlockLayout, crcs: readonly (number | null)[] | null) {
+    this.#loader = loader
     this.#crcs = crcs
     this.#dir = dir
     this.#index = index
     this.#blocks = index.blocks
     for (const [i, b] of index.blocks.entries()) this.#order.set(`${b.layer}:${b.kind}`, i)
     this.window = window
-    this.#slots = Array.from({ length: window }, () => new ArrayBuffer(slotBytes))
-    this.#free = this.#slots.map((_, i) => i)
+    this.#free = this.#loader.slots.map((_, i) => i)
     this.layout = layout
   }
 
@@ -362,9 +362,11 @@ export class StreamingStore implements WeightStore {
         throw err
       }
     }
+    await file.close()
     const layout = layoutFromIndex(index)
     log('streaming %d blocks from %s with a window of %d × %d bytes', index.blocks.length, dir, window, largest)
-    return new StreamingStore(file, dir, index, window, align(largest, 64), layout, check ? crcs : null)
+    const loader = await BlockLoader.start(join(dir, 'blocks.bin'), window, align(largest, 64))
+    return new StreamingStore(loader, dir, index, window, layout, check ? crcs : null)
   }
 
   async attention(layer: number): Promise<AttentionShardWeights<StreamedLinearWeight>> {
@@ -417,14 +419,21 @@ export class StreamingStore implements WeightStore {
 
   async #load(i: number, slot: number): Promise<LayerBlock> {
     const b = this.#blocks[i]!
-    const bytes = new Uint8Array(this.#slots[slot]!, 0, b.bytes)
+    const bytes = new Uint8Array(this.#loader.slots[slot]!, 0, b.bytes)
     // sha256 of every block at open; each read here its CRC-32 (4× cheaper than sha256, still catches any flipped bit
     // or burst up to 32 bits): the file may be damaged after the open, and a bad block must not be computed with.
+    // Read and checksum run on the loader's thread (see block-loader.ts).
     const expected = this.#crcs?.[i] ?? null
     for (let attempt = 1; ; attempt++) {
-      await readBlock(this.#file, this.#dir, this.#index, i, bytes, false)
+      let read: LoadResult
+      try {
+        read = await this.#loader.load(slot, b.offset, b.bytes, expected !== null)
+      } catch (err) {
+        throw new ShardFileError(`${blockName(this.#dir, this.#index, i)}: ${(err as Error).message}`, { cause: err })
+      }
+      if (read.bytesRead !== b.bytes) throw new ShardFileError(`${blockName(this.#dir, this.#index, i)} is truncated: ${read.bytesRead} of ${b.bytes} bytes`)
       if (expected === null) break
-      const actual = crc32(bytes)
+      const actual = read.crc!
       if (actual === expected) break
       // One more read first: a transient read error is not corruption.
       if (attempt === 2) {
@@ -441,7 +450,7 @@ export class StreamingStore implements WeightStore {
     this.#closed = true
     await Promise.all([...this.#loading.values()].map((e) => e.ready.catch(() => {})))
     this.#loading.clear()
-    await this.#file.close()
+    await this.#loader.close()
   }
 }
 
