@@ -69,6 +69,14 @@ async function run(flags: RunFlags, setup: ClusterSetup = {}): Promise<void> {
         : {}),
     })
     process.stdout.write('\n')
+    if (result.stopReason === 'context' && result.generated < flags.maxTokens) {
+      // Not a status line: the text was cut short of what was asked, which --quiet must not hide.
+      const ctx = cluster.plan.model.maxSeqLen
+      process.stderr.write(
+        `edgeshard: stopped after ${result.generated} of ${flags.maxTokens} tokens: the context of ${ctx} positions is full ` +
+          `(${flags.context === undefined ? `the model declares ${ctx}; ` : ''}--context N sets it)\n`,
+      )
+    }
     const c = cluster.counters
     const forwards = result.generated
     const peers = await cluster.peerStats()
@@ -81,6 +89,7 @@ async function run(flags: RunFlags, setup: ClusterSetup = {}): Promise<void> {
       promptTokens: result.promptTokens,
       nextTokens: result.nextTokens,
       generated: result.generated,
+      stopReason: result.stopReason,
       ttftMs: result.ttftMs,
       msPerToken: result.msPerToken,
       decodeSplit: result.decodeSplit,

@@ -56,7 +56,7 @@ export interface ClusterCostOptions {
   readonly blockOverheadMs?: number
   /** Per-message CPU cost of a device that does not give its own, ms (see the module comment). Default 0. */
   readonly messageOverheadMs?: number
-  /** Bytes per value of hidden states and partial sums on the wire. Default 4 (f32). */
+  /** Bytes per value of allreduce partial sums and sums on the wire (hidden states between stages stay f32). Default 4 (f32). */
   readonly wireBytesPerValue?: number
   /** Positions the KV cache is sized for. Default: the model's `maxSeqLen`. */
   readonly contextPositions?: number
@@ -191,14 +191,16 @@ export function planMemoryBytes(input: ClusterCostInput, plan: Pick<ClusterPlan,
 export function stageCost(input: ClusterCostInput, stage: StagePlan): Omit<PlanCost, 'headMs' | 'totalMs'> {
   const { model, devices } = input
   const msg = (d: number): number => messageOverheadMs(input, d)
-  const vectorBytes = model.config.dim * (input.options?.wireBytesPerValue ?? 4)
+  // Hidden states move as f32 (stage hand-offs, the broadcast of x); allreduce tensors at the wire dtype.
+  const hiddenBytes = model.config.dim * 4
+  const partialBytes = model.config.dim * (input.options?.wireBytesPerValue ?? 4)
   const members = stage.devices
   const hub = members[0]!
   const link = (a: number, b: number): PlannerLink => (a === b ? { rttMs: 0, mbps: Number.POSITIVE_INFINITY } : input.link(a, b))
 
   let handoffMs = 0
   // x from the master to the hub and the stage's output back: a send and a receive on each side.
-  if (hub !== 0) handoffMs += transferMs(link(0, hub), vectorBytes) + transferMs(link(hub, 0), vectorBytes) + 2 * msg(0) + 2 * msg(hub)
+  if (hub !== 0) handoffMs += transferMs(link(0, hub), hiddenBytes) + transferMs(link(hub, 0), hiddenBytes) + 2 * msg(0) + 2 * msg(hub)
   let allreduceOnceMs = 0
   if (members.length > 1) {
     // Broadcast of x at stage start: the hub's sends serialise on its uplink and its CPU; the last one arrives half
@@ -209,9 +211,9 @@ export function stageCost(input: ClusterCostInput, stage: StagePlan): Omit<PlanC
     let slowestReceiveMs = 0
     for (const m of members.slice(1)) {
       const l = link(hub, m)
-      sendMs += (vectorBytes * 8) / (l.mbps * 1e3) + msg(hub)
+      sendMs += (hiddenBytes * 8) / (l.mbps * 1e3) + msg(hub)
       halfRttMs = Math.max(halfRttMs, l.rttMs / 2)
-      slowestMs = Math.max(slowestMs, transferMs(l, vectorBytes) + msg(m))
+      slowestMs = Math.max(slowestMs, transferMs(l, partialBytes) + msg(m))
       slowestReceiveMs = Math.max(slowestReceiveMs, msg(m))
     }
     handoffMs += sendMs + halfRttMs + slowestReceiveMs

@@ -1,8 +1,8 @@
-import { mkdtempSync } from 'node:fs'
+import { mkdtempSync, readFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { HAVE_MODELS, MODELS_DIR, type RunningAgent, referenceCases, runWithLogits, startAgent } from '../support/cli.ts'
+import { HAVE_MODELS, MODELS_DIR, type RunningAgent, referenceCases, runCli, runWithLogits, startAgent } from '../support/cli.ts'
 
 // Golden tests: real processes, real libp2p on 127.0.0.1, the real pretrained stories260K. Greedy tokens must equal
 // llama2.c run.c's reference exactly, and the text printed must be byte-identical to what run.c printed.
@@ -66,4 +66,19 @@ describe.skipIf(!HAVE_MODELS)('stories260K across peers (real processes over lib
       }
     })
   }
+})
+
+describe.skipIf(!HAVE_MODELS)('a run cut short by the context', () => {
+  it('says so on stderr (even with --quiet) and in the summary: stories260K.gguf declares 128 positions', async () => {
+    const summaryPath = join(dir, 'context-full.json')
+    const r = await runCli(
+      ['run', '--model', join(MODELS_DIR, 'stories260K.gguf'), '--peers', '1', '--prompt', 'Once upon a time', '--max-tokens', '196', '--temperature', '0', '--quiet', '--summary-json', summaryPath],
+      { timeoutMs: 60_000 },
+    )
+    expect(r.code).toBe(0)
+    // 5 prompt tokens (BOS included) + 123 generated fill 128 positions; the 124th token needs no position of its own.
+    expect(r.stderr).toBe('edgeshard: stopped after 124 of 196 tokens: the context of 128 positions is full (the model declares 128; --context N sets it)\n')
+    const summary = JSON.parse(readFileSync(summaryPath, 'utf8')) as { generated: number; stopReason: string }
+    expect(summary).toMatchObject({ generated: 124, stopReason: 'context' })
+  })
 })

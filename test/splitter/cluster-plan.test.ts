@@ -249,13 +249,18 @@ describe('planClusterChoice', () => {
     expect(() => planClusterChoice({ ...input, devices: [{ ...device('x', 8), blockOverheadMs: -1 }] })).toThrow(/device x: blockOverheadMs is -1/)
   })
 
-  it('charges f16 on the wire half the bytes of each allreduce', () => {
+  it('charges f16 on the wire half the bytes of each allreduce; hidden states stay f32', () => {
     const devices = [device('a', 8), device('b', 8)]
     const slow = (a: number, b: number) => (a === b ? { rttMs: 0, mbps: Number.POSITIVE_INFINITY } : { rttMs: 0, mbps: 1 })
     const input: ClusterPlanInput = { model: MODEL, devices, link: slow }
     const even = planEvenTensorParallel(input)
-    const f32 = predictClusterPlan(input, even).allreduceMs
-    const f16 = predictClusterPlan({ ...input, options: { wireBytesPerValue: 2 } }, even).allreduceMs
+    const f32Cost = predictClusterPlan(input, even)
+    const f16Cost = predictClusterPlan({ ...input, options: { wireBytesPerValue: 2 } }, even)
+    const f32 = f32Cost.allreduceMs
+    const f16 = f16Cost.allreduceMs
+    // The broadcast of x to the stage's member is a hidden state: f32 either way.
+    expect(f16Cost.handoffMs).toBeCloseTo(f32Cost.handoffMs, 9)
+    expect(f32Cost.handoffMs).toBeCloseTo((MODEL.config.dim * 4 * 8) / 1e3, 9)
     // No rtt, no per-message cost: only the bytes, 2 × dim × 4 (or 2) bytes at 1 Mbit/s per allreduce, 44 of them.
     expect(f32).toBeCloseTo(44 * 2 * ((MODEL.config.dim * 4 * 8) / 1e3) + 44 * ((MODEL.config.dim * 4 * 3) / (8 * 1e6)), 6)
     expect(f16).toBeCloseTo(44 * 2 * ((MODEL.config.dim * 2 * 8) / 1e3) + 44 * ((MODEL.config.dim * 4 * 3) / (8 * 1e6)), 6)
