@@ -56,7 +56,7 @@ export interface ClusterCostOptions {
   readonly blockOverheadMs?: number
   /** Per-message CPU cost of a device that does not give its own, ms (see the module comment). Default 0. */
   readonly messageOverheadMs?: number
-  /** Bytes per value of allreduce partial sums and sums on the wire (hidden states between stages stay f32). Default 4 (f32). */
+  /** Bytes per value of allreduce partial sums and sums on the wire (hidden states stay f32). Default 4 (f32). */
   readonly wireBytesPerValue?: number
   /** Positions the KV cache is sized for. Default: the model's `maxSeqLen`. */
   readonly contextPositions?: number

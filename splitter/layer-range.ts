@@ -1,7 +1,8 @@
 /**
- * How edgeshard writes a range of decoder layers for people: inclusive, with an en dash (`layers 0–3`, `layer 4`),
- * whatever the data holds (`{ start, count }`, i.e. [start, start + count)). One notation in every message and every
- * line the CLI prints (plans, emulate, run summaries, errors).
+ * Ranges of decoder layers: how edgeshard writes them for people (inclusive, with an en dash: `layers 0–3`,
+ * `layer 4`, whatever the data holds, `{ start, count }`, i.e. [start, start + count); one notation in every message
+ * and every line the CLI prints), and how a peer alone in its stage groups its layers into whole-layer graphs (the
+ * runner builds them, the cost model counts them).
  */
 
 /**
@@ -18,9 +19,9 @@ export function formatLayers(start: number, count: number): string {
  * Most weight bytes baked into one whole-layer graph (see `buildDecoderLayers`; a layer larger than this gets a graph
  * of its own). Each session run costs more than its kernels: on TinyLlama-1.1B Q4_0 (22 layers, 2 threads) decode took
  * 30.0, 29.4, 27.8 and 27.0 ms/token with graphs of 1, 4, 8 and 22 layers, 36.5 with per-block graphs (bench:layouts,
- * medians of 58 steps, load average 1), so graphs are as large as allowed. A graph is one protobuf, limited to 2 GiB, and building it holds its weights about
- * three times over (stacked Q/K/V and W1/W3, the protobuf, onnxruntime's copy) until its session exists; a device
- * short of memory for that sets `layersPerGraph`.
+ * medians of 58 steps, load average 1), so graphs are as large as allowed. A graph is one protobuf, limited to 2 GiB,
+ * and building it holds its weights about three times over (stacked Q/K/V and W1/W3, the protobuf, onnxruntime's copy)
+ * until its session exists; a device short of memory for that sets `layersPerGraph`.
  */
 export const MAX_GRAPH_WEIGHT_BYTES = 2 ** 30
 

@@ -16,8 +16,8 @@ import {
   modelCostShape,
   planClusterChoice,
 } from '../../splitter/index.ts'
-import { finiteNumber, wholeNumber } from './arguments.ts'
 import { WIRE_DTYPES, type WireDtype } from '../../transport/index.ts'
+import { finiteNumber, wholeNumber } from './arguments.ts'
 
 interface PlanFlags {
   model: string
@@ -37,7 +37,7 @@ export interface PlanningOptions {
   /** Block overhead of devices whose profile gives none, ms. */
   readonly blockOverheadMs?: number
   readonly quantizedMatmul?: 'exact' | 'int8'
-  /** Element type of hidden states and partial sums on the wire (f16 halves the bytes each allreduce moves). */
+  /** Element type of allreduce tensors on the wire (f16 halves the bytes each allreduce moves; hidden states stay f32). */
   readonly wireDtype?: WireDtype
   /** Most decoder layers per graph on a one-device stage (`--layers-per-graph`; 0 = per block). */
   readonly layersPerGraph?: number
@@ -50,7 +50,8 @@ export interface PlanningOptions {
 export function clusterPlanInput(
   model: ModelDescription,
   cluster: ClusterSpec,
-  options: PlanningOptions = {},): ClusterPlanInput {
+  options: PlanningOptions = {},
+): ClusterPlanInput {
   return {
     model: modelCostShape(model),
     devices: cluster.devices.map((d) => ({
