@@ -11,7 +11,6 @@ import {
   type LayerShardWeights,
   layerGroupSizes,
   MAX_GRAPH_WEIGHT_BYTES,
-  type LinearWeight,
   type QuantizedInputs,
   ropeCaches,
   type StreamedLinearWeight,

@@ -12,13 +12,9 @@ import { parseArgs } from 'node:util'
 import { ShardRunner } from '../agent/shard-runner.ts'
 import {
   loadModel,
-  type ModelDescription,
+  ModelWeights,
   planTensorParallel,
-  readTensorBytes,
-  readTensorF32,
   sliceLayerShard,
-  toLinearWeight,
-  type WeightSource,
 } from '../splitter/index.ts'
 import { createInProcessAllreduce } from '../transport/index.ts'
 import { synthModel } from './support.ts'
@@ -39,13 +35,7 @@ const threads = Number(values.threads)
 const path = synthModel('tinyllama-1.1b', 'q4_0')
 const model = loadModel(path)
 const plan = planTensorParallel({ ...model.config, maxSeqLen: context + steps }, 1, { quantizedMatmul: 'int8' })
-const source: WeightSource = {
-  vector: (name) => readTensorF32(model, name),
-  linear: (name) => {
-    const ref = (model as ModelDescription).tensors.get(name)!
-    return toLinearWeight(ref.dtype, readTensorBytes(model, name), ref.shape[0]!, ref.shape[1]!)
-  },
-}
+const source = new ModelWeights(model)
 const weights = Array.from({ length: plan.model.nLayers }, (_, layer) => sliceLayerShard(plan.model, plan.shards[0]!, layer, source))
 const [allreduce] = createInProcessAllreduce(1)
 const runners = []

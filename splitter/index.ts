@@ -87,6 +87,7 @@ export {
   toLinearWeight,
   type WeightSource,
 } from './slice.ts'
+export { ModelWeights } from './model-weights.ts'
 export { type BlockwiseWeight, blockwiseBytes, blockwiseView, blockwiseZeroPoint, nbitsToBlockwise } from './quant/blockwise.ts'
 export { ggmlColumnsToNBits, ggmlToNBits, type NBitsWeight, nbitsColumns, nbitsRowF32, nbitsRows } from './quant/matmul-nbits.ts'
 export {

@@ -18,21 +18,11 @@ import { multiaddr } from '@multiformats/multiaddr'
 import { createLibp2p } from 'libp2p'
 import { pack } from 'msgpackr'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { encodeLayerShard } from '../../agent/shard-encoding.ts'
-import {
-  type LinearWeight,
-  loadModel,
-  type ModelDescription,
-  planTensorParallel,
-  readTensorBytes,
-  readTensorF32,
-  sliceLayerShard,
-  type TensorParallelPlan,
-  toLinearWeight,
-} from '../../splitter/index.ts'
+import { loadModel, type ModelDescription, planTensorParallel, type TensorParallelPlan } from '../../splitter/index.ts'
 import { encodeFrame, FrameDecoder, INFO_PROTOCOL, STAGE_PROTOCOL, TENSOR_PARALLEL_PROTOCOL } from '../../transport/index.ts'
 import { HAVE_MODELS, MODELS_DIR, type RunningAgent, referenceCases, runCli, startAgent } from '../support/cli.ts'
 import { seededRandom } from '../support/random.ts'
+import { shardTensorFrames } from '../support/worker-session.ts'
 
 const CASES = 3000
 const CONCURRENCY = 8
@@ -136,19 +126,7 @@ interface Material {
 
 function material(model: ModelDescription): Material {
   const plan = planTensorParallel(model.config, 2)
-  const source = {
-    vector: (name: string): Float32Array => readTensorF32(model, name),
-    linear: (name: string): LinearWeight => {
-      const ref = model.tensors.get(name)!
-      return toLinearWeight(ref.dtype, readTensorBytes(model, name), ref.shape[0]!, ref.shape[1]!)
-    },
-  }
-  const tensors = []
-  for (let layer = 0; layer < plan.model.nLayers; layer++) {
-    for (const t of encodeLayerShard(sliceLayerShard(plan.model, plan.shards[1]!, layer, source))) {
-      tensors.push({ header: { type: 'tensor' as const, layer, name: t.name, bits: t.bits, rows: t.rows, cols: t.cols }, body: t.body.slice() })
-    }
-  }
+  const tensors = shardTensorFrames(model, plan, 1)
   const planHeader = { type: 'plan' as const, plan, shardIndex: 1, threads: 1 }
   return { plan, planFrame: frame(planHeader), planHeader, tensors, dim: plan.model.dim }
 }

@@ -12,15 +12,11 @@ import { encodeLayerShard, kvCacheBytes } from '../../agent/shard-encoding.ts'
 import { ShardFileWriter, streamingNeeds } from '../../agent/weight-store.ts'
 import {
   buildClusterPlan,
-  type LinearWeight,
   loadModel,
   type ModelDescription,
+  ModelWeights,
   parseStageLayout,
-  readTensorBytes,
-  readTensorF32,
   sliceLayerShard,
-  toLinearWeight,
-  type WeightSource,
 } from '../../splitter/index.ts'
 import { runCli } from '../support/cli.ts'
 
@@ -36,27 +32,18 @@ beforeAll(async () => {
   model = loadModel(path)
 }, 60_000)
 
-function source(m: ModelDescription): WeightSource {
-  return {
-    vector: (name) => readTensorF32(m, name),
-    linear: (name): LinearWeight => {
-      const ref = m.tensors.get(name)!
-      return toLinearWeight(ref.dtype, readTensorBytes(m, name), ref.shape[0]!, ref.shape[1]!)
-    },
-  }
-}
-
 describe('shareNeeds', () => {
   it('counts the blocks and KV cache of real shard files (Q4_0, biases, uneven shares)', async () => {
     expect(model.config.qkvBias).toBe(true)
     expect(model.tensors.get('blk.0.ffn_down.weight')!.dtype).toBe('q4_0')
     // Device 1 alone on layer 0, devices 0 and 2 sharing layer 1 (FFN columns in 32-column blocks).
     const plan = buildClusterPlan(model.config, parseStageLayout('1:1,0+2:1'), 3, { attentionBlock: 32, ffnBlock: 32 })
+    const weights = new ModelWeights(model)
     for (const stage of plan.stages) {
       for (const shard of stage.tensorParallel.shards) {
         const writer = await ShardFileWriter.create(join(dir, `shard-${stage.layers.start}-${shard.index}`))
         for (let layer = stage.layers.start; layer < stage.layers.start + stage.layers.count; layer++) {
-          for (const t of encodeLayerShard(sliceLayerShard(stage.tensorParallel.model, shard, layer, source(model)))) {
+          for (const t of encodeLayerShard(sliceLayerShard(stage.tensorParallel.model, shard, layer, weights))) {
             await writer.add(layer, t.name, t.bits, t.rows, t.cols, t.body)
           }
         }

@@ -1,32 +1,22 @@
 import { join } from 'node:path'
 import { describe, expect, it } from 'vitest'
 import { ShardRunner } from '../../agent/shard-runner.ts'
-import { layerGroupSizes } from '../../splitter/index.ts'
+import {
+  layerGroupSizes,
+  ModelWeights,
+} from '../../splitter/index.ts'
 import {
   loadModel,
   type ModelDescription,
   planTensorParallel,
-  readTensorBytes,
   readTensorF32,
   sliceLayerShard,
-  toLinearWeight,
-  type WeightSource,
 } from '../../splitter/index.ts'
 import { createInProcessAllreduce } from '../../transport/index.ts'
 import { HAVE_MODELS, MODELS_DIR, referenceCases } from '../support/cli.ts'
 
 // Compute without a network: N shard runners in one process joined by the in-process allreduce. The hidden state
 // after all layers must not depend on how the model is split.
-function source(model: ModelDescription): WeightSource {
-  return {
-    vector: (name) => readTensorF32(model, name),
-    linear: (name) => {
-      const ref = model.tensors.get(name)!
-      return toLinearWeight(ref.dtype, readTensorBytes(model, name), ref.shape[0]!, ref.shape[1]!)
-    },
-  }
-}
-
 async function hiddenStates(
   model: ModelDescription,
   peers: number,
@@ -35,7 +25,7 @@ async function hiddenStates(
   input?: Float32Array,
 ): Promise<Float32Array> {
   const plan = planTensorParallel(model.config, peers, { layers })
-  const src = source(model)
+  const src = new ModelWeights(model)
   const runners = await Promise.all(
     plan.shards.map((shard) =>
       ShardRunner.create(
@@ -101,7 +91,7 @@ describe.skipIf(!HAVE_MODELS)('ShardRunner with the in-process allreduce', () =>
 
   it('runs whole layers per graph alone (1 and 3 layers per graph, and a stage of layers 1..4) as the per-block graphs do, within 1e-5', async () => {
     const model = loadModel(join(MODELS_DIR, 'stories260K.bin'))
-    const src = source(model)
+    const src = new ModelWeights(model)
     const tokens = referenceCases()[0]!.prompt_tokens
     const embedding = readTensorF32(model, 'token_embd.weight')
     const { dim } = model.config
@@ -136,7 +126,7 @@ describe.skipIf(!HAVE_MODELS)('ShardRunner with the in-process allreduce', () =>
   it('refuses a forward that does not continue the KV cache', async () => {
     const model = loadModel(join(MODELS_DIR, 'stories260K.bin'))
     const plan = planTensorParallel(model.config, 1)
-    const src = source(model)
+    const src = new ModelWeights(model)
     const runner = await ShardRunner.create(plan, 0, Array.from({ length: 5 }, (_, l) => sliceLayerShard(plan.model, plan.shards[0]!, l, src)))
     const [ar] = createInProcessAllreduce(1)
     await expect(runner.forward(new Float32Array(64), 3, 0, ar!)).rejects.toThrow(/position 3: the KV cache holds 0/)

@@ -14,20 +14,11 @@ import { mkdtempSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { encodeLayerShard } from '../../agent/shard-encoding.ts'
 import { allreduceTag } from '../../agent/shard-runner.ts'
-import {
-  type LinearWeight,
-  loadModel,
-  planTensorParallel,
-  readTensorBytes,
-  readTensorF32,
-  sliceLayerShard,
-  toLinearWeight,
-} from '../../splitter/index.ts'
+import { loadModel, planTensorParallel } from '../../splitter/index.ts'
 import { decodeF16, roundToF16InPlace } from '../../transport/f16.ts'
 import type { Frame } from '../../transport/index.ts'
-import { type WorkerSession, startWorkerSession } from '../support/worker-session.ts'
+import { shardTensorFrames, startWorkerSession, type WorkerSession } from '../support/worker-session.ts'
 import { HAVE_MODELS, MODELS_DIR, referenceCases, runWithLogits } from '../support/cli.ts'
 import { seededRandom } from '../support/random.ts'
 
@@ -46,19 +37,7 @@ describe.skipIf(!HAVE_MODELS)('a worker sends the wire dtype its plan frame name
     const model = loadModel(join(MODELS_DIR, 'stories260K.bin'))
     const plan = planTensorParallel(model.config, 2)
     const { dim, nLayers } = plan.model
-    const source = {
-      vector: (name: string): Float32Array => readTensorF32(model, name),
-      linear: (name: string): LinearWeight => {
-        const ref = model.tensors.get(name)!
-        return toLinearWeight(ref.dtype, readTensorBytes(model, name), ref.shape[0]!, ref.shape[1]!)
-      },
-    }
-    const tensors = Array.from({ length: nLayers }, (_, layer) =>
-      encodeLayerShard(sliceLayerShard(plan.model, plan.shards[1]!, layer, source)).map((t) => ({
-        header: { type: 'tensor', layer, name: t.name, bits: t.bits, rows: t.rows, cols: t.cols },
-        body: t.body.slice(),
-      })),
-    ).flat()
+    const tensors = shardTensorFrames(model, plan, 1)
     const load = async (wireDtype?: string): Promise<void> => {
       await session.channel.send({ type: 'plan', plan, shardIndex: 1, threads: 1, ...(wireDtype ? { wireDtype } : {}) })
       for (const t of tensors) await session.channel.send(t.header, t.body)

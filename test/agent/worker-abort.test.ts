@@ -6,39 +6,16 @@
  */
 import { join } from 'node:path'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { encodeLayerShard } from '../../agent/shard-encoding.ts'
 import { allreduceTag } from '../../agent/shard-runner.ts'
-import {
-  type LinearWeight,
-  loadModel,
-  type ModelDescription,
-  planTensorParallel,
-  readTensorBytes,
-  readTensorF32,
-  sliceLayerShard,
-  toLinearWeight,
-} from '../../splitter/index.ts'
-import { type WorkerSession, startWorkerSession } from '../support/worker-session.ts'
+import { loadModel, type ModelDescription, planTensorParallel } from '../../splitter/index.ts'
+import { shardTensorFrames, startWorkerSession, type TensorFrame, type WorkerSession } from '../support/worker-session.ts'
 import { HAVE_MODELS, MODELS_DIR } from '../support/cli.ts'
 import { seededRandom } from '../support/random.ts'
 
-/** Shard 1 of an even 2-way plan: its plan frame header and its tensors in send order. */
-function shardOne(model: ModelDescription): { plan: ReturnType<typeof planTensorParallel>; tensors: { header: Record<string, unknown> & { type: string }; body: Uint8Array }[] } {
+/** Shard 1 of an even 2-way plan: the plan and its tensor frames in send order. */
+function shardOne(model: ModelDescription): { plan: ReturnType<typeof planTensorParallel>; tensors: TensorFrame[] } {
   const plan = planTensorParallel(model.config, 2)
-  const source = {
-    vector: (name: string): Float32Array => readTensorF32(model, name),
-    linear: (name: string): LinearWeight => {
-      const ref = model.tensors.get(name)!
-      return toLinearWeight(ref.dtype, readTensorBytes(model, name), ref.shape[0]!, ref.shape[1]!)
-    },
-  }
-  const tensors = []
-  for (let layer = 0; layer < plan.model.nLayers; layer++) {
-    for (const t of encodeLayerShard(sliceLayerShard(plan.model, plan.shards[1]!, layer, source))) {
-      tensors.push({ header: { type: 'tensor', layer, name: t.name, bits: t.bits, rows: t.rows, cols: t.cols }, body: t.body.slice() })
-    }
-  }
-  return { plan, tensors }
+  return { plan, tensors: shardTensorFrames(model, plan, 1) }
 }
 
 describe.skipIf(!HAVE_MODELS)('a worker told to abort (recovery, real libp2p stream)', () => {

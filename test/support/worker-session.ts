@@ -1,4 +1,6 @@
+import { encodeLayerShard } from '../../agent/shard-encoding.ts'
 import { WorkerAgent } from '../../agent/worker.ts'
+import { type ModelDescription, ModelWeights, sliceLayerShard, type TensorParallelPlan } from '../../splitter/index.ts'
 import { type Frame, type FramedChannel, TENSOR_PARALLEL_PROTOCOL, TransportNode } from '../../transport/index.ts'
 
 /** A real worker agent on 127.0.0.1 and the test as its master over one tensor-parallel stream. */
@@ -44,4 +46,25 @@ export async function startWorkerSession(): Promise<WorkerSession> {
       await worker.stop()
     },
   }
+}
+
+/** A `tensor` frame of a shard load: header and body. */
+export interface TensorFrame {
+  readonly header: Record<string, unknown> & { type: 'tensor' }
+  readonly body: Uint8Array
+}
+
+/**
+ * Shard `shardIndex` of `plan` cut out of `model`, as the master sends it after the `plan` frame: one `tensor` frame per
+ * tensor, layer by layer (bodies copied, so they outlive the slicer's buffers).
+ */
+export function shardTensorFrames(model: ModelDescription, plan: TensorParallelPlan, shardIndex: number): TensorFrame[] {
+  const source = new ModelWeights(model)
+  const frames: TensorFrame[] = []
+  for (let layer = plan.layers.start; layer < plan.layers.start + plan.layers.count; layer++) {
+    for (const t of encodeLayerShard(sliceLayerShard(plan.model, plan.shards[shardIndex]!, layer, source))) {
+      frames.push({ header: { type: 'tensor', layer, name: t.name, bits: t.bits, rows: t.rows, cols: t.cols }, body: t.body.slice() })
+    }
+  }
+  return frames
 }
