@@ -260,8 +260,6 @@ export class ShardRunner {
     if (pos0 !== this.#cachedLen) throw new RangeError(`cannot forward from position ${pos0}: the KV cache holds ${this.#cachedLen}`)
     const total = pos0 + seq
     if (total > m.maxSeqLen) throw new RangeError(`cannot forward to position ${total}: the model's context is ${m.maxSeqLen}`)
-    const hd = m.headDim
-    const kvHeads = this.shard.kvHeads.count
     const rows = (t: Float32Array, cols: number): HostTensor => ({ data: t, dims: [t.length / cols, cols] })
     const now = performance.now.bind(performance)
     if (this.#kernel === 'gqa') this.#reserve(total)

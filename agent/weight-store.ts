@@ -346,10 +346,10 @@ export class StreamingStore implements WeightStore {
       if (copy.made) verify = false
     }
     const window = Math.min(index.blocks.length, Math.floor((options.budgetBytes - options.kvCacheBytes - workspace) / largest))
-    const file = await open(join(dir, 'blocks.bin'), 'r')
     const check = options.checkReads ?? true
     const crcs: (number | null)[] = index.blocks.map((b) => (check && b.crc32 !== undefined ? b.crc32 : null))
     if (verify) {
+      const file = await open(join(dir, 'blocks.bin'), 'r')
       const buffer = new Uint8Array(largest)
       try {
         for (let i = 0; i < index.blocks.length; i++) {
@@ -357,12 +357,10 @@ export class StreamingStore implements WeightStore {
           // An index without CRCs (an older shard file): take them from the bytes the sha256 just vouched for.
           if (check && crcs[i] === null) crcs[i] = crc32(buffer.subarray(0, index.blocks[i]!.bytes))
         }
-      } catch (err) {
+      } finally {
         await file.close()
-        throw err
       }
     }
-    await file.close()
     const layout = layoutFromIndex(index)
     log('streaming %d blocks from %s with a window of %d × %d bytes', index.blocks.length, dir, window, largest)
     const loader = await BlockLoader.start(join(dir, 'blocks.bin'), window, align(largest, 64))
