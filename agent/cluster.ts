@@ -1,5 +1,6 @@
 import { randomBytes } from 'node:crypto'
 import { rm } from 'node:fs/promises'
+import { setTimeout as sleep } from 'node:timers/promises'
 import { logger } from '@libp2p/logger'
 import {
   buildOutputHead,
@@ -54,6 +55,8 @@ const DEFAULT_DIAL_TIMEOUT_MS = 2000
 
 /** How long the master waits for the workers' device profiles at start, ms (they answer in a round trip or two). */
 const PROFILE_TIMEOUT_MS = 2000
+/** How long `stop()` waits for a worker to close its half of the session after `bye`, ms. */
+const BYE_TIMEOUT_MS = 2000
 
 /** Errors that name a worker that went away, stalled or failed: a forward failing with one of them can recover. */
 const LOSS_ERRORS: ReadonlySet<string> = new Set(['PeerGoneError', 'PeerStalledError', 'PeerFailedError'])
@@ -1269,6 +1272,9 @@ export class Cluster {
         await this.#send(l, { type: 'bye' }).catch(() => {})
         log('bye sent to worker %d', l.index)
         await l.channel.close().catch(() => {})
+        // The worker closes its half once it has read `bye`: wait for that (bounded), so that stopping the node
+        // next cannot cut the stream before the worker has seen the end of its session.
+        await Promise.race([l.channel.closed.catch(() => {}), sleep(BYE_TIMEOUT_MS, undefined, { ref: false })])
         log('closed worker %d', l.index)
       }),
     )

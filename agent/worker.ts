@@ -43,7 +43,11 @@ class SessionAbortedError extends Error {
 export interface WorkerOptions {
   /** Multiaddrs to listen on, e.g. `/ip4/127.0.0.1/tcp/0`. */
   readonly listen: readonly string[]
-  /** Called when a master's session ends (normally or not); `error` is set when it failed. */
+  /**
+   * Called when a master's session ends (normally or not); `error` is set when it failed. A session that ends
+   * after the master's `bye`, or because this agent is stopping (`stop()`), ends normally: losing the stream then
+   * loses nothing.
+   */
   readonly onSessionEnd?: (peer: string, error?: Error) => void
   /**
    * Bytes for this agent's weights and KV cache. A shard larger than that is stored on local disk and streamed
@@ -77,6 +81,8 @@ export class WorkerAgent {
   readonly #options: WorkerOptions
   /** Masters being served now. */
   #sessions = 0
+  /** Set by `stop()`: sessions cut off by our own node stopping are not failures of theirs. */
+  #stopping = false
   /** Members of stages without the master, waiting for their leader. */
   readonly #stages = new StageRegistry()
   /** Emulated links to other peers (`edgeshard emulate`), by peer id: every channel to that peer is shaped. */
@@ -117,6 +123,7 @@ export class WorkerAgent {
   }
 
   async stop(): Promise<void> {
+    this.#stopping = true
     await this.#node.stop()
   }
 
@@ -171,6 +178,8 @@ export class WorkerAgent {
         void channel.send({ type: 'error', message: err.message, errorName: err.name, peer: culprit }).catch(() => {})
         return
       }
+      // This agent is stopping and cuts the stream itself: what fails then is not the session's fault.
+      if (this.#stopping) return
       failure = err
       log.error('session with %s failed: %s', peer, err.message)
       member.fail(err)
@@ -256,7 +265,7 @@ export class WorkerAgent {
     }
     const session = (): StageSession => ({ node: this.#node, master: channel, tracer, queueForward, queueReset, fail })
     try {
-      for await (const frame of channel) {
+      frames: for await (const frame of channel) {
         if (failure) break
         if (tracer) traceReceive(tracer, frame.header, frame.body.byteLength, peer)
         if (frame.header.type === 'ar') {
@@ -386,9 +395,11 @@ export class WorkerAgent {
             break
           }
           case 'bye':
+            // The session is over: close our half and stop reading. Whatever then ends the stream (the master's close
+            // frame, its node stopping, ours) loses nothing.
             await work.catch(() => {})
-            await channel.close()
-            break
+            await channel.close().catch(() => {})
+            break frames
         }
       }
     } catch (err) {
