@@ -107,7 +107,7 @@ async function run(flags: RunFlags, setup: ClusterSetup = {}): Promise<void> {
     if (flags.summaryJson) writeFileSync(flags.summaryJson, `${JSON.stringify(summary, null, 2)}\n`)
     status(
       `${result.generated} tokens, TTFT ${result.ttftMs.toFixed(1)} ms, ${result.msPerToken.toFixed(2)} ms/token, ` +
-        `${Math.round(wireBytesPerToken)} bytes/token on the wire (${cluster.wireDtype} allreduce), ${nPeers} peers${recovered(cluster.recoveries.length, cluster.size)}, load ${loadavg()[0]!.toFixed(2)}`,
+        `${Math.round(wireBytesPerToken)} bytes/token on the wire (${cluster.wireDtype} allreduce), ${nPeers} peer${nPeers === 1 ? '' : 's'}${recovered(cluster.recoveries.length, cluster.size)}, load ${loadavg()[0]!.toFixed(2)}`,
     )
     const mib = (b: number): string => `${(b / 2 ** 20).toFixed(0)} MiB`
     for (const [i, p] of peers.entries()) {
