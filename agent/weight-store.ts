@@ -429,7 +429,7 @@ export class StreamingStore implements WeightStore {
       } catch (err) {
         throw new ShardFileError(`${blockName(this.#dir, this.#index, i)}: ${(err as Error).message}`, { cause: err })
       }
-      if (read.bytesRead !== b.bytes) throw new ShardFileError(`${blockName(this.#dir, this.#index, i)} is truncated: ${read.bytesRead} of ${b.bytes} bytes`)
+      checkWholeBlock(this.#dir, this.#index, i, read.bytesRead)
       if (expected === null) break
       const actual = read.crc!
       if (actual === expected) break
@@ -578,14 +578,19 @@ function layoutFromIndex(index: ShardIndex): BlockLayout {
  */
 async function readBlock(file: FileHandle, dir: string, index: ShardIndex, i: number, buffer: Uint8Array, verify: boolean): Promise<void> {
   const b = index.blocks[i]!
-  const where = blockName(dir, index, i)
   const { bytesRead } = await file.read(buffer, 0, b.bytes, b.offset)
-  if (bytesRead !== b.bytes) throw new ShardFileError(`${where} is truncated: ${bytesRead} of ${b.bytes} bytes`)
+  checkWholeBlock(dir, index, i, bytesRead)
   if (!verify) return
   const sum = createHash('sha256').update(buffer.subarray(0, b.bytes)).digest('hex')
   if (sum !== b.sha256) {
-    throw new ShardFileError(`${where} fails its sha256 check (index.json says ${b.sha256.slice(0, 16)}…, the file has ${sum.slice(0, 16)}…): corrupted on disk`)
+    throw new ShardFileError(`${blockName(dir, index, i)} fails its sha256 check (index.json says ${b.sha256.slice(0, 16)}…, the file has ${sum.slice(0, 16)}…): corrupted on disk`)
   }
+}
+
+/** @throws ShardFileError naming block `i` when `bytesRead`, what a read of it got, is short of its size (the file ends early) */
+function checkWholeBlock(dir: string, index: ShardIndex, i: number, bytesRead: number): void {
+  const bytes = index.blocks[i]!.bytes
+  if (bytesRead !== bytes) throw new ShardFileError(`${blockName(dir, index, i)} is truncated: ${bytesRead} of ${bytes} bytes`)
 }
 
 /** A block as errors name it: the file, the layer, the block (kind, position, byte range). */
